@@ -1,0 +1,268 @@
+"""The proxy server: the public listener that forwards and meters, wired to its parts.
+
+The public listener carries model traffic and the receipt endpoint; admin endpoints
+(metrics, health) live on a separate listener (see proxy.admin).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import AsyncIterator, Callable
+
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from proxy.accounting import Accountant, Figures, GroupPricing
+from proxy.attribution import AttributionEngine, RequestUsage
+from proxy.carbon.intensity import IntensityProvider
+from proxy.config import Config, UpstreamConfig
+from proxy.dialects import dialect_for
+from proxy.dialects.base import parse_json_request
+from proxy.exchange import MeteredExchange, RequestMeta
+from proxy.forward import Forwarder, json_error
+from proxy.headers import request_id_from, upstream_request_headers
+from proxy.meters.base import Meter
+from proxy.meters.sampler import Sampler
+from proxy.receipts.model import Receipt, ReceiptStore
+from proxy.routing import Router
+from proxy.tenants import Tenancy, credential_hash, credential_of
+
+log = logging.getLogger("carbon_proxy")
+
+RECEIPTS_PREFIX = "/carbon-proxy/v1/receipts/"
+INSPECT_LIMIT_BYTES = 4 * 1024 * 1024
+"""Request bodies up to this size are read whole (routing by model, asking for usage);
+larger ones stream to the upstream untouched."""
+
+ALL_DEVICES = "*"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def group_name(upstream: UpstreamConfig) -> str:
+    return ",".join(upstream.devices) if upstream.devices else ALL_DEVICES
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        meter: Meter,
+        intensity: IntensityProvider,
+        receipts: ReceiptStore,
+        embodied_g_per_device_second: Callable[[str], float],
+    ) -> None:
+        self.config = config
+        self.meter = meter
+        self.intensity = intensity
+        self.receipts = receipts
+        self._embodied_rate = embodied_g_per_device_second
+        self.router = Router(config.upstreams)
+        self.tenancy = Tenancy(config.tenants)
+        self.forwarder = Forwarder(max_buffer_bytes=config.server.max_buffer_bytes)
+        self.sampler: Sampler | None = None
+        self.accountant: Accountant | None = None
+        self._record_listeners: list[Callable[[Receipt, Figures | None, MeteredExchange], None]] = []
+        self.in_flight = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.meter.start()
+        devices = list(self.meter.device_ids())
+        groups: dict[str, list[str]] = {}
+        pricing: dict[str, GroupPricing] = {}
+        for upstream in self.config.upstreams:
+            name = group_name(upstream)
+            members = list(upstream.devices) if upstream.devices else devices
+            groups[name] = members
+            pricing[name] = GroupPricing(
+                pue=upstream.pue if upstream.pue is not None else self.config.pue,
+                embodied_g_per_device_second=self._embodied_rate(upstream.device_model),
+                devices=len(members),
+            )
+        attribution = self.config.attribution
+
+        def engine_factory(weight_at: Callable[[float], float], on_final: Callable[[RequestUsage], None]) -> AttributionEngine:
+            return AttributionEngine(
+                groups,
+                idle_power_watts=attribution.idle_power_watts,
+                prefill_weight=attribution.prefill_weight,
+                weight_at=weight_at,
+                on_final=on_final,
+            )
+
+        self.sampler = Sampler(self.meter, lambda sample: accountant.engine.on_sample(sample), self.config.meter.interval_ms / 1000)
+        accountant = Accountant(engine_factory, self.intensity, pricing, self.sampler.basis)
+        self.accountant = accountant
+        accountant.on_final(self._finalized)
+        await self.intensity.start()
+        await self.receipts.start()
+        await self.forwarder.start()
+        await self.sampler.start()
+
+    async def stop(self) -> None:
+        """After the listener drained: take a last sample so finished requests settle."""
+        if self.sampler is not None:
+            await self.sampler.sample_once()
+            await self.sampler.close()
+        await self.forwarder.close()
+        await self.receipts.close()
+        await self.intensity.close()
+        await self.meter.close()
+
+    def on_record(self, listener: Callable[[Receipt, Figures | None, MeteredExchange], None]) -> None:
+        """Called with every receipt written (provisional, then final): metrics subscribe here."""
+        self._record_listeners.append(listener)
+
+    def _finalized(self, usage: RequestUsage, figures: Figures) -> None:
+        owner = usage.owner
+        if isinstance(owner, MeteredExchange):
+            owner.finalize(figures)
+
+    def _record(self, exchange: MeteredExchange, receipt: Receipt, figures: Figures | None) -> None:
+        try:
+            self.receipts.put(receipt)
+        except Exception:
+            log.exception("receipt store refused a receipt")
+        for listener in self._record_listeners:
+            try:
+                listener(receipt, figures, exchange)
+            except Exception:
+                log.exception("receipt listener failed")
+
+    # -- the public handler -----------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            return await self._handle(request)
+        except BodyTooLarge:
+            return self._too_large()
+
+    def _too_large(self) -> web.Response:
+        limit = self.config.server.max_body_bytes
+        return json_error(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if not request.raw_path.startswith("/"):
+            # Absolute-form (or authority-form) targets would let a client pick the host.
+            return json_error(400, "invalid_request_target", "only origin-form request targets (a path) are accepted")
+        if request.method == "CONNECT":
+            return json_error(405, "method_not_allowed", "CONNECT is not supported")
+        path = request.path
+        if path.startswith(RECEIPTS_PREFIX):
+            return await self._receipt(request, path[len(RECEIPTS_PREFIX) :])
+
+        max_body = self.config.server.max_body_bytes
+        length = request.content_length
+        if length is not None and length > max_body:
+            return self._too_large()
+        body: bytes | AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            if length is not None and length <= INSPECT_LIMIT_BYTES:
+                body = await request.content.read()
+            else:
+                body = _limited(request, max_body)
+
+        started_monotonic = time.monotonic()
+        raw_body = body if isinstance(body, bytes) else None
+        model = None
+        if self.router.needs_model and raw_body is not None:
+            data = parse_json_request(raw_body)
+            model = data.get("model") if data is not None and isinstance(data.get("model"), str) else None
+        upstream = self.router.route(path, model)
+        if upstream is None:
+            return json_error(404, "no_route", f"no upstream is configured for {path!r}")
+        dialect = dialect_for(upstream.dialect, path)
+        info = dialect.inspect_request(request.method, path, raw_body)
+
+        request_id = request_id_from(request.headers)
+        tenant, cred_hash = self.tenancy.identify(request.headers)
+        assert self.accountant is not None, "ProxyServer.start() was not awaited"
+        usage = self.accountant.engine.open(
+            group_name(upstream), started_monotonic, streaming=info.stream, prompt_tokens_estimate=info.prompt_tokens_estimate
+        )
+        meta = RequestMeta(
+            request_id=request_id,
+            method=request.method,
+            path=path,
+            tenant=tenant,
+            credential_hash=cred_hash,
+            started_unix=time.time(),
+            started_monotonic=started_monotonic,
+        )
+        exchange = MeteredExchange(
+            meta=meta, upstream=upstream, dialect=dialect, info=info, usage=usage, accountant=self.accountant, record=self._record
+        )
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        headers = upstream_request_headers(
+            request.headers,
+            client_ip=peer[0] if isinstance(peer, tuple) else None,
+            scheme=request.scheme,
+            request_id=request_id,
+            trust_forwarded=self.config.server.trust_forwarded,
+        )
+        url = URL(upstream.url + request.raw_path, encoded=True)
+        send_body = info.body if raw_body is not None else body
+        self.in_flight += 1
+        try:
+            response = await self.forwarder.forward(
+                request,
+                url=url,
+                headers=headers,
+                body=send_body,
+                timeouts=upstream.timeouts,
+                exchange=exchange,
+                extra_headers={"X-Request-Id": request_id},
+            )
+        finally:
+            self.in_flight -= 1
+        if isinstance(body, _LimitedBody) and body.exceeded:
+            return self._too_large()
+        return response
+
+    async def _receipt(self, request: web.BaseRequest, request_id: str) -> web.Response:
+        if request.method != "GET":
+            return json_error(405, "method_not_allowed", "receipts are read with GET")
+        caller = credential_hash(credential_of(request.headers))
+        try:
+            receipt = await self.receipts.get(request_id)
+        except Exception:
+            log.exception("receipt lookup failed")
+            return json_error(503, "receipts_unavailable", "the receipt store is not available right now")
+        if receipt is not None and receipt.credential_hash is not None and caller is None:
+            return json_error(401, "authentication_required", "send the credential that made the request")
+        if receipt is None or receipt.credential_hash != caller:
+            # Same answer for 'absent' and 'not yours': ids of others are not disclosed.
+            return json_error(404, "receipt_not_found", f"no receipt {request_id!r} for this credential")
+        return web.Response(body=orjson.dumps(receipt.public()), content_type="application/json")
+
+
+class _LimitedBody:
+    """A streamed request body that stops at the size limit (the handler then answers 413)."""
+
+    def __init__(self, request: web.BaseRequest, limit: int) -> None:
+        self._request = request
+        self._limit = limit
+        self.exceeded = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in self._request.content.iter_any():
+            size += len(chunk)
+            if size > self._limit:
+                self.exceeded = True
+                raise BodyTooLarge()
+            yield chunk
+
+
+def _limited(request: web.BaseRequest, limit: int) -> _LimitedBody:
+    return _LimitedBody(request, limit)

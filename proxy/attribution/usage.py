@@ -1,0 +1,65 @@
+"""One request as attribution sees it: when it was present and what work it did when."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, eq=False)
+class RequestUsage:
+    """Filled by the request side (opened, ticks, close); credited by the engine.
+
+    Times are time.monotonic() seconds. Work is in tokens (or diffusion work units);
+    the engine weighs prompt tokens by the prefill weight when it splits.
+    """
+
+    group: str
+    opened_at: float
+    streaming: bool
+    prompt_tokens_estimate: int = 0
+    closed_at: float | None = None
+    first_token_at: float | None = None
+
+    # Output tokens seen since the last meter sample (streams): the engine bins them.
+    unsampled_output_tokens: int = 0
+    sampled_output_tokens: int = 0
+
+    # Exact totals, known at close.
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    work_units: float | None = None
+    prefill_seconds: float | None = None
+
+    # What the engine credited. Static shares are final when credited; dynamic shares
+    # are estimates until every request in the interval is closed.
+    static_joules: float = 0.0
+    dynamic_joules_final: float = 0.0
+    dynamic_joules_estimate: float = 0.0
+    reserved_seconds: float = 0.0
+    """Seconds of the device group this request held, shared with those present (for embodied carbon)."""
+    weighted_joules: float = 0.0
+    """Sum of credited joules x weight(time of interval); the caller's price, e.g. gCO2e/kWh."""
+    weighted_estimate: float = 0.0
+    pending_intervals: int = 0
+    final: bool = False
+    owner: object | None = field(default=None, repr=False)
+    """The caller's record for this request (the engine never looks inside)."""
+
+    def tick(self, count: int, at: float) -> None:
+        """Output tokens seen in the stream (hot path: one add)."""
+        if self.first_token_at is None:
+            self.first_token_at = at
+        self.unsampled_output_tokens += count
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_at is not None
+
+    @property
+    def energy_joules(self) -> float:
+        """Best figure now: final shares plus estimates for intervals not yet settled."""
+        return self.static_joules + self.dynamic_joules_final + self.dynamic_joules_estimate
+
+    def presence_seconds(self, t0: float, t1: float) -> float:
+        end = self.closed_at if self.closed_at is not None else t1
+        return max(0.0, min(end, t1) - max(self.opened_at, t0))

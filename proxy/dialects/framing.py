@@ -1,0 +1,196 @@
+"""Incremental readers for the two stream framings: SSE events and NDJSON lines.
+
+Both forward only whole events/lines (an event split across reads is held until it is
+complete), take a fast path of one substring scan per read when nothing interesting
+passes, and hold the final event(s) so the figures can be placed before or inside them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.dialects.base import ResponseReader
+
+_LF2 = b"\n\n"
+_CRLF2 = b"\r\n\r\n"
+
+
+def _last_boundary(buf: bytes) -> int:
+    """Index just past the last complete SSE event, or 0."""
+    lf = buf.rfind(_LF2)
+    crlf = buf.rfind(_CRLF2)
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def split_events(ready: bytes) -> list[bytes]:
+    """Split complete SSE text into events, each keeping its own terminator bytes."""
+    events: list[bytes] = []
+    pos = 0
+    end = len(ready)
+    while pos < end:
+        lf = ready.find(_LF2, pos)
+        crlf = ready.find(_CRLF2, pos)
+        if lf < 0 and crlf < 0:
+            events.append(ready[pos:])
+            break
+        stop = crlf + 4 if crlf >= 0 and (lf < 0 or crlf < lf) else lf + 2
+        events.append(ready[pos:stop])
+        pos = stop
+    return events
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The data field of one SSE event (multiple data lines joined by LF), or None."""
+    if event.startswith(b"data:") and event.count(b"data:") == 1:
+        line = event[5:].rstrip(b"\r\n")
+        return line[1:] if line.startswith(b" ") else line
+    parts = []
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(parts) if parts else None
+
+
+def sse_comment(figures: dict[str, Any]) -> bytes:
+    # A comment line is ignored by every SSE client: safe for strict parsers.
+    return b": emissions " + orjson.dumps(figures) + b"\n\n"
+
+
+class SseReader(ResponseReader):
+    """Generic SSE: one data event ~ one token; figures as a comment before [DONE]."""
+
+    streaming = True
+    slow_markers: tuple[bytes, ...] = (b"[DONE]",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending = b""
+        self._held: list[bytes] = []
+        self._leftover = b""
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        buf = self._pending + chunk if self._pending else chunk
+        cut = _last_boundary(buf)
+        if cut == 0:
+            self._pending = buf
+            return b""
+        if cut == len(buf):
+            ready, self._pending = buf, b""
+        else:
+            ready, self._pending = buf[:cut], buf[cut:]
+        for marker in self.slow_markers:
+            if marker in ready:
+                return self._slow(ready, now)
+        count = ready.count(b"data:")
+        if count:
+            self.work.streamed_tokens += count
+            self.tick(count, now)
+        return ready
+
+    def _slow(self, ready: bytes, now: float) -> bytes:
+        out = [self.on_event(event, now) for event in split_events(ready)]
+        return b"".join(o for o in out if o)
+
+    def on_event(self, event: bytes, now: float) -> bytes | None:
+        """One complete event: bytes to forward (itself, changed, or None to hold)."""
+        data = event_data(event)
+        if data is None:
+            return event
+        if data.strip() == b"[DONE]":
+            self._held.append(event)
+            return None
+        self.on_data(data, now)
+        return event
+
+    def on_data(self, data: bytes, now: float) -> None:
+        self.work.streamed_tokens += 1
+        self.tick(1, now)
+
+    def end(self) -> None:
+        # An unterminated last event: SSE clients drop it at EOF, so it passes as is and
+        # no figures follow it (a terminator would make them dispatch it).
+        if self._pending:
+            self._leftover = self._pending
+            self._pending = b""
+            try:
+                data = event_data(self._leftover)
+                if data is not None and data.strip() != b"[DONE]":
+                    self.read_final_data(data)
+            except Exception:  # a parse failure must never change the bytes
+                pass
+
+    def read_final_data(self, data: bytes) -> None:
+        return None
+
+    def tail(self, figures: dict[str, Any] | None) -> bytes:
+        if self._leftover:
+            return self._leftover + b"".join(self._held)
+        lead = sse_comment(figures) if figures is not None else b""
+        return lead + b"".join(self._held)
+
+
+class NdjsonReader(ResponseReader):
+    """NDJSON: one object per line; the final `done: true` line gets the figures."""
+
+    streaming = True
+    final_marker = b'"done":true'
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending = b""
+        self._final: bytes | None = None
+        self._leftover = b""
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        buf = self._pending + chunk if self._pending else chunk
+        cut = buf.rfind(b"\n") + 1
+        if cut == 0:
+            self._pending = buf
+            return b""
+        ready, self._pending = buf[:cut], buf[cut:]
+        if self.final_marker not in ready:
+            count = ready.count(b"\n")
+            self.work.streamed_tokens += count
+            self.tick(count, now)
+            return ready
+        out = []
+        for line in ready.splitlines(keepends=True):
+            if self.final_marker in line and self._final is None and self._read_final(line):
+                self._final = line
+                continue
+            if line.strip():
+                self.work.streamed_tokens += 1
+                self.tick(1, now)
+            out.append(line)
+        return b"".join(out)
+
+    def _read_final(self, line: bytes) -> bool:
+        try:
+            data = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(data, dict) or data.get("done") is not True:
+            return False
+        self.read_json(data)
+        return True
+
+    def end(self) -> None:
+        if self._pending:
+            self._leftover, self._pending = self._pending, b""
+            if self._final is None and self.final_marker in self._leftover and self._read_final(self._leftover):
+                self._final, self._leftover = self._leftover, b""
+
+    def tail(self, figures: dict[str, Any] | None) -> bytes:
+        if self._final is None:
+            return self._leftover
+        line = self._final
+        if figures is not None:
+            body = line.rstrip(b"\r\n")
+            ending = line[len(body) :]
+            close = body.rfind(b"}")
+            if close > 0:
+                line = body[:close] + b',"emissions":' + orjson.dumps(figures) + body[close:] + ending
+        return line + self._leftover

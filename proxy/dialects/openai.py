@@ -1,0 +1,120 @@
+"""OpenAI-compatible APIs (vLLM, TGI /v1, llama.cpp server, Ollama /v1, LiteLLM...).
+
+Streams: the proxy asks for `stream_options.include_usage` to get exact token counts,
+and when the client did not ask for it, hides the usage-only chunk again and strips the
+`"usage":null` the server then adds to every chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.dialects.base import (
+    Dialect,
+    RequestInfo,
+    ResponseReader,
+    TokenTick,
+    as_int,
+    estimate_tokens_from_text,
+    parse_json_request,
+)
+from proxy.dialects.framing import SseReader, event_data
+
+_USAGE = b'"usage":'
+_NULL_USAGE_VARIANTS = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
+
+# Endpoints whose streams carry tokens. Other paths (models list, files...) are generic.
+_GENERATION_PATHS = ("/chat/completions", "/completions")
+
+
+def _strip_null_usage(data: bytes) -> bytes:
+    for variant in _NULL_USAGE_VARIANTS:
+        if variant in data:
+            return data.replace(variant, b"", 1)
+    return data
+
+
+class OpenAISseReader(SseReader):
+    slow_markers = (b"[DONE]", _USAGE)
+
+    def __init__(self, info: RequestInfo, tick: TokenTick) -> None:
+        super().__init__(info, tick)
+        self._usage_chunk: dict[str, Any] | None = None
+
+    def on_event(self, event: bytes, now: float) -> bytes | None:
+        data = event_data(event)
+        if data is None or _USAGE not in data:
+            return super().on_event(event, now)
+        if not self.info.client_wants_usage:
+            stripped = _strip_null_usage(data)
+            if stripped is not data:  # a normal chunk that only carries "usage":null
+                self.on_data(stripped, now)
+                return event.replace(data, stripped, 1)
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return super().on_event(event, now)
+        usage = chunk.get("usage") if isinstance(chunk, dict) else None
+        if not isinstance(usage, dict):
+            return super().on_event(event, now)
+        self._read_usage(usage)
+        choices = chunk.get("choices")
+        if choices:
+            self.on_data(data, now)
+            if not self.info.client_wants_usage:
+                # Usage rode on a content chunk: pass the content, hide the usage.
+                del chunk["usage"]
+                return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        # Hold the usage chunk: it is the last one, and it may carry the figures.
+        self._usage_chunk = chunk
+        return None
+
+    def _read_usage(self, usage: dict[str, Any]) -> None:
+        self.work.prompt_tokens = as_int(usage.get("prompt_tokens"))
+        self.work.output_tokens = as_int(usage.get("completion_tokens", usage.get("output_tokens")))
+
+    def tail(self, figures: dict[str, Any] | None) -> bytes:
+        chunk = self._usage_chunk
+        if chunk is None or not self.info.client_wants_usage:
+            return super().tail(figures)
+        if figures is not None:
+            chunk["usage"]["emissions"] = figures
+        return b"data: " + orjson.dumps(chunk) + b"\n\n" + super().tail(None)
+
+
+class OpenAIJsonReader(ResponseReader):
+    def read_json(self, data: dict[str, Any]) -> None:
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            self.work.prompt_tokens = as_int(usage.get("prompt_tokens", usage.get("input_tokens")))
+            self.work.output_tokens = as_int(usage.get("completion_tokens", usage.get("output_tokens"))) or 0
+
+
+class OpenAIDialect(Dialect):
+    name = "openai"
+
+    def inspect_request(self, method: str, path: str, body: bytes | None) -> RequestInfo:
+        data = parse_json_request(body)
+        info = RequestInfo(body=body)
+        if data is None:
+            return info
+        model = data.get("model")
+        info.model = model if isinstance(model, str) else None
+        info.prompt_tokens_estimate = estimate_tokens_from_text(len(body or b""))
+        info.stream = data.get("stream") is True
+        if info.stream and path.endswith(_GENERATION_PATHS):
+            options = data.get("stream_options")
+            if isinstance(options, dict) and options.get("include_usage") is True:
+                info.client_wants_usage = True
+            else:
+                info.client_wants_usage = False
+                data["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+                info.body = orjson.dumps(data)
+        return info
+
+    def reader(self, info: RequestInfo, content_type: str, tick: TokenTick) -> ResponseReader:
+        if content_type.startswith("text/event-stream"):
+            return OpenAISseReader(info, tick)
+        return OpenAIJsonReader(info, tick)

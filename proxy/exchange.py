@@ -1,0 +1,213 @@
+"""One metered exchange: the hooks the data path calls, joined to dialect, attribution,
+accounting and receipts. Nothing here may fail a request: every accounting step is
+guarded, and on error the bytes pass unchanged and the figures are flagged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from multidict import CIMultiDictProxy
+
+from proxy.accounting import Accountant, Figures
+from proxy.attribution import RequestUsage
+from proxy.config import UpstreamConfig
+from proxy.dialects import Dialect, RequestInfo, ResponseReader
+from proxy.dialects.native import read_tgi_headers
+from proxy.forward import BodyMode
+from proxy.receipts.model import Receipt
+
+log = logging.getLogger("carbon_proxy.exchange")
+
+
+@dataclass(slots=True)
+class RequestMeta:
+    request_id: str
+    method: str
+    path: str
+    tenant: str
+    credential_hash: str | None
+    started_unix: float
+    started_monotonic: float
+
+
+class MeteredExchange:
+    def __init__(
+        self,
+        *,
+        meta: RequestMeta,
+        upstream: UpstreamConfig,
+        dialect: Dialect,
+        info: RequestInfo,
+        usage: RequestUsage,
+        accountant: Accountant,
+        record: Callable[["MeteredExchange", Receipt, Figures | None], None],
+    ) -> None:
+        self.meta = meta
+        self.upstream = upstream
+        self.dialect = dialect
+        self.info = info
+        self.usage = usage
+        self.accountant = accountant
+        self._record = record
+        self.reader: ResponseReader = ResponseReader(info, usage.tick)
+        self.status = 0
+        self.first_byte_at: float | None = None
+        self._encoding: str | None = None
+        self._place_figures = True
+        self.outcome: str | None = None
+        self.receipt: Receipt | None = None
+        usage.owner = self
+
+    # -- hooks called by the data path ----------------------------------------------
+
+    def response_started(self, status: int, headers: CIMultiDictProxy[str]) -> BodyMode:
+        self.status = status
+        self.first_byte_at = time.monotonic()
+        try:
+            content_type = headers.get("Content-Type", "").lower()
+            encoding = headers.get("Content-Encoding")
+            self._encoding = encoding if encoding and encoding.lower() != "identity" else None
+            reader = self.dialect.reader(self.info, content_type, self.usage.tick)
+            if reader.streaming and self._encoding:
+                # A compressed stream cannot be read or appended to without re-encoding it:
+                # pass it through untouched; the receipt still gets time-based figures.
+                reader = ResponseReader(self.info, self.usage.tick)
+                self._place_figures = False
+            if self.dialect.name == "tgi":
+                read_tgi_headers(reader.work, headers)
+            self.reader = reader
+            return BodyMode.STREAM if reader.streaming else BodyMode.BUFFER
+        except Exception:
+            log.exception("dialect failed on response headers; passing through")
+            self._place_figures = False
+            return BodyMode.STREAM
+
+    def feed(self, chunk: bytes) -> bytes:
+        try:
+            return self.reader.feed(chunk, time.monotonic())
+        except Exception:
+            # Parsing must never change the bytes: from here on, pass everything through.
+            log.exception("dialect failed on a chunk; passing the stream through")
+            self._place_figures = False
+            held = self._flush_reader()
+            self.reader = ResponseReader(self.info, self.usage.tick)
+            return held + chunk
+
+    def _flush_reader(self) -> bytes:
+        try:
+            self.reader.end()
+            return self.reader.tail(None)
+        except Exception:
+            return b""
+
+    async def finish(self) -> bytes:
+        try:
+            self.reader.end()
+        except Exception:
+            log.exception("dialect failed at end of stream")
+        figures = self._close("ok")
+        placed = figures.as_json() if figures is not None and self._place_figures else None
+        try:
+            return self.reader.tail(placed)
+        except Exception:
+            log.exception("dialect failed to write the stream tail")
+            return b""
+
+    async def complete(self, body: bytes) -> Mapping[str, str]:
+        try:
+            self.reader.read_body(body, self._encoding)
+        except Exception:
+            log.exception("dialect failed on a response body")
+        figures = self._close("ok" if self.status < 400 else "upstream_error")
+        return figures.headers() if figures is not None else {}
+
+    def failed(self, reason: str) -> None:
+        try:
+            self.reader.end()
+        except Exception:
+            pass
+        self._close(reason)
+
+    # -- accounting -------------------------------------------------------------------
+
+    def _close(self, outcome: str) -> Figures | None:
+        if self.outcome is not None:
+            return None
+        self.outcome = outcome
+        now = time.monotonic()
+        work = self.reader.work
+        try:
+            prompt = work.prompt_tokens if work.prompt_tokens is not None else (self.info.prompt_tokens_estimate or None)
+            self.accountant.engine.close(
+                self.usage,
+                now,
+                prompt_tokens=prompt,
+                output_tokens=work.output_tokens_best(),
+                work_units=work.work_units,
+                prefill_seconds=work.prefill_seconds,
+            )
+            figures = self.accountant.figures(self.usage, now)
+        except Exception:
+            log.exception("accounting failed; the request is served without figures")
+            return None
+        self.receipt = self._receipt(figures, now)
+        self._record(self, self.receipt, figures)
+        return figures
+
+    def finalize(self, figures: Figures) -> None:
+        """Called once attribution has settled every interval this request touched."""
+        if self.receipt is None:
+            return
+        self.receipt = self._update(self.receipt, figures)
+        self._record(self, self.receipt, figures)
+
+    def _receipt(self, figures: Figures, now: float) -> Receipt:
+        meta = self.meta
+        work = self.reader.work
+        ttfb = None if self.first_byte_at is None else self.first_byte_at - meta.started_monotonic
+        receipt = Receipt(
+            request_id=meta.request_id,
+            credential_hash=meta.credential_hash,
+            tenant=meta.tenant,
+            upstream=self.upstream.name,
+            model=self.info.model,
+            dialect=self.dialect.name,
+            method=meta.method,
+            path=meta.path,
+            status_code=self.status,
+            outcome=self.outcome or "ok",
+            started_unix=meta.started_unix,
+            duration_seconds=now - meta.started_monotonic,
+            time_to_first_byte_seconds=ttfb,
+            prompt_tokens=work.prompt_tokens,
+            output_tokens=work.output_tokens_best() if (work.output_tokens is not None or work.streamed_tokens) else None,
+            work_units=work.work_units,
+            images=work.images,
+            energy_joules=0.0,
+            pue=figures.pue,
+            intensity_g_per_kwh=0.0,
+            operational_grams=0.0,
+            embodied_grams=0.0,
+            co2e_grams=0.0,
+            basis="",
+            status="provisional",
+        )
+        return self._update(receipt, figures)
+
+    @staticmethod
+    def _update(receipt: Receipt, figures: Figures) -> Receipt:
+        receipt.energy_joules = figures.energy_joules
+        receipt.intensity_g_per_kwh = figures.intensity_g_per_kwh
+        receipt.operational_grams = figures.operational_grams
+        receipt.embodied_grams = figures.embodied_grams
+        receipt.co2e_grams = figures.co2e_grams
+        receipt.basis = figures.basis
+        receipt.status = figures.status
+        return receipt
+
+    def describe(self) -> dict[str, Any]:
+        return {"request_id": self.meta.request_id, "upstream": self.upstream.name, "outcome": self.outcome}
