@@ -154,7 +154,7 @@ class ScrapeMeter:
         if not metric:
             raise ConfigError("meter.scrape.metric", "must name the energy counter to read")
         if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
-            raise ConfigError("meter.scrape.scale", f"must be a positive number (joules per sample unit), not {scale!r}")
+            raise ConfigError("meter.scrape.scale", f"must be a positive number (joules per unit), not {scale!r}")
         if not device_label:
             raise ConfigError("meter.scrape.device_label", "must name the label whose value is the device id")
         if not (timeout_seconds > 0 and math.isfinite(timeout_seconds)):
@@ -260,7 +260,8 @@ class ScrapeMeter:
             if value is None:
                 raise MeterError(f"scrape meter: {self._no_series(device)}")
             if not (math.isfinite(value) and value >= 0):
-                raise MeterError(f'scrape meter: {self.metric}{{{self.device_label}="{device}"}} is {value!r}, not a counter value')
+                series_name = f'{self.metric}{{{self.device_label}="{device}"}}'
+                raise MeterError(f"scrape meter: {series_name} is {value!r}, not a counter value")
         joules: dict[str, float] = {}
         watts: dict[str, float] = {}
         stamp_seconds = float("-inf")

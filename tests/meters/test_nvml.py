@@ -56,7 +56,9 @@ async def test_no_devices_configured_means_every_gpu_by_index(install_nvml: Inst
     await meter.close()
 
 
-async def test_refresh_lag_never_shows_a_positive_interval_with_zero_energy(install_nvml: Install, clock: FakeClock) -> None:
+async def test_refresh_lag_never_shows_a_positive_interval_with_zero_energy(
+    install_nvml: Install, clock: FakeClock
+) -> None:
     # Counter refreshes every 100 ms; we poll at 30 Hz, three reads per refresh.
     install_nvml([FakeGpu(UUID_A, watts=250)])
     meter = NvmlMeter(["0"], clock=clock)
