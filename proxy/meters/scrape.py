@@ -31,7 +31,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import aiohttp
 
@@ -157,7 +157,7 @@ class ScrapeMeter:
             raise ConfigError("meter.scrape.scale", f"must be a positive number (joules per unit), not {scale!r}")
         if not device_label:
             raise ConfigError("meter.scrape.device_label", "must name the label whose value is the device id")
-        if not (timeout_seconds > 0 and math.isfinite(timeout_seconds)):
+        if not (isinstance(timeout_seconds, (int, float)) and timeout_seconds > 0 and math.isfinite(timeout_seconds)):
             raise ConfigError("meter.scrape.timeout_seconds", f"must be a positive number, not {timeout_seconds!r}")
         self.url = url
         self.metric = metric
@@ -187,7 +187,7 @@ class ScrapeMeter:
             headers={"Accept": _ACCEPT},
         )
         try:
-            series = self._series(await self._fetch())
+            series = self._series(await self._fetch(), self._configured)
             devices = self._configured if self._configured is not None else sorted(series, key=_natural)
             if not devices:
                 raise MeterError(f"scrape meter: {self._no_series(None)}")
@@ -202,7 +202,7 @@ class ScrapeMeter:
         if self._session is None:
             raise MeterError("scrape meter: read() before start() or after close()")
         async with self._lock:
-            series = self._series(await self._fetch())
+            series = self._series(await self._fetch(), self._counters)
             return self._update(series, self._clock())
 
     async def close(self) -> None:
@@ -225,8 +225,9 @@ class ScrapeMeter:
             raise MeterError(f"scrape meter: cannot scrape {self.url}: {err}") from err
         return body.decode("utf-8", errors="replace")
 
-    def _series(self, text: str) -> dict[str, float]:
-        """Device label value -> raw sample, for the series that match; ambiguity is an error."""
+    def _series(self, text: str, wanted: Collection[str] | None) -> dict[str, float]:
+        """Device label value -> raw sample of the matching series; two series for one wanted
+        device (None: any device) is an error, since we cannot tell which is ours."""
         found: dict[str, float] = {}
         labels_by_device: dict[str, list[dict[str, str]]] = {}
         samples = parse_samples(text, self.metric)
@@ -245,7 +246,7 @@ class ScrapeMeter:
             labels_by_device.setdefault(device, []).append(labels)
             found[device] = value
         for device, label_sets in labels_by_device.items():
-            if len(label_sets) > 1:
+            if len(label_sets) > 1 and (wanted is None or device in wanted):
                 differing = sorted({k for s in label_sets for k in s if any(o.get(k) != s[k] for o in label_sets)})
                 raise MeterError(
                     f"scrape meter: {len(label_sets)} series of {self.metric} at {self.url} have "

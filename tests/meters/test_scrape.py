@@ -228,6 +228,12 @@ async def test_several_hosts_need_match_labels(exporter: Exporter) -> None:
     assert (await meter.read()).joules_by_device == {"0": pytest.approx(10.0)}
     await meter.close()
 
+    # Two series for a GPU we do not read are not our problem.
+    exporter.page = dcgm_page({"0": 1}, "node-a") + dcgm_page({"1": 1}, "node-c") + dcgm_page({"1": 2}, "node-d")
+    only_gpu_0 = make_scrape_meter("dcgm", url=exporter.url, devices=["0"])
+    await only_gpu_0.start()
+    await only_gpu_0.close()
+
 
 async def test_overlapping_reads_never_look_like_a_reset(exporter: Exporter) -> None:
     counter = {"value": 1000}
