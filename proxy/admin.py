@@ -28,7 +28,7 @@ def create_admin_app(server: ProxyServer, registry: CollectorRegistry, upstreams
         sampler = server.sampler
         health = sampler.health if sampler is not None else None
         staleness = health.staleness_seconds() if health is not None else None
-        meter_ok = staleness is not None and staleness < READY_STALENESS_SECONDS
+        meter_ok = health is not None and health.ok and staleness is not None and staleness < READY_STALENESS_SECONDS
         checks["meter"] = {"ok": meter_ok, "kind": server.meter.kind, "staleness_seconds": staleness, "error": health.last_error if health else None}
         upstreams = await upstreams_ok() if upstreams_ok is not None else {}
         checks["upstreams"] = upstreams

@@ -101,6 +101,15 @@ class ProxyServer:
         accountant = Accountant(engine_factory, self.intensity, pricing, self.sampler.basis)
         self.accountant = accountant
         accountant.on_final(self._finalized)
+        observe_work = getattr(self.meter, "observe_work", None)
+        if callable(observe_work):
+            # A modelled meter (estimate) learns energy from the work each request did.
+            def feed_meter(receipt: Receipt, figures: Figures | None, exchange: MeteredExchange) -> None:
+                if receipt.status == "provisional":
+                    devices = groups[group_name(exchange.upstream)]
+                    observe_work(devices, receipt.prompt_tokens or 0, receipt.output_tokens or 0, receipt.model)
+
+            self.on_record(feed_meter)
         await self.intensity.start()
         await self.receipts.start()
         await self.forwarder.start()

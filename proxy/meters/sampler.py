@@ -56,6 +56,10 @@ class Sampler:
         return text
 
     async def start(self) -> None:
+        # Two samples before serving, so that the first request already has a recent power
+        # reading to estimate its provisional figures from.
+        await self.sample_once()
+        await asyncio.sleep(self._interval)
         await self.sample_once()
         self._task = asyncio.create_task(self._run(), name="meter-sampler")
 
