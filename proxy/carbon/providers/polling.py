@@ -146,7 +146,7 @@ class PollingProvider:
         if self.startup_wait_seconds > 0:
             # Bounded: a dead provider delays startup by at most this, never a request.
             try:
-                await asyncio.wait_for(asyncio.shield(self._first_attempt_done.wait()), self.startup_wait_seconds)
+                await asyncio.wait_for(self._first_attempt_done.wait(), self.startup_wait_seconds)
             except asyncio.TimeoutError:
                 log.info("%s has not answered yet; using %s until it does", self.source, self.fallback.current().source)
 
@@ -312,14 +312,13 @@ class PollingProvider:
         *,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
-        auth: aiohttp.BasicAuth | None = None,
     ) -> Any:
         if self._session is None:
             raise ProviderError("provider not started")
         timeout = aiohttp.ClientTimeout(total=self.timeout_seconds)
         # No redirects: a redirect would carry the key to whatever host it names.
         async with self._session.get(
-            url, params=params, headers=headers, auth=auth, timeout=timeout, allow_redirects=False
+            url, params=params, headers=headers, timeout=timeout, allow_redirects=False
         ) as resp:
             if resp.status == 429:
                 raise RateLimited(parse_retry_after(resp.headers.get("Retry-After"), self._clock()))

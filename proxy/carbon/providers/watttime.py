@@ -12,9 +12,8 @@ more kWh emits now, not the average mix a location-based inventory uses.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
-
-import aiohttp
 
 from proxy.carbon.credentials import Secret
 from proxy.carbon.providers.parsing import (
@@ -76,9 +75,10 @@ class WattTimeProvider(PollingProvider):
         return tuple(values)
 
     async def _login(self) -> Secret:
-        auth = aiohttp.BasicAuth(self._username.reveal(), self._password.reveal())
+        pair = f"{self._username.reveal()}:{self._password.reveal()}".encode()
+        headers = {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
         try:
-            body = await self.get_json(self._login_url, auth=auth)
+            body = await self.get_json(self._login_url, headers=headers)
         except Unauthorized as exc:
             raise Unauthorized(exc.status, "the WattTime login") from None
         token = body.get("token") if isinstance(body, dict) else None
