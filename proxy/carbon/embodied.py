@@ -54,9 +54,9 @@ def _by_die_area(model: str, die_mm2: float, die: str) -> DeviceFootprint:
 DEVICES: dict[str, DeviceFootprint] = {
     d.model: d
     for d in (
-        DeviceFootprint("H100", 164.0, "NVIDIA HGX H100 product carbon footprint summary (per-GPU share of the 8-GPU board)", False),
+        DeviceFootprint("H100", 164.0, "NVIDIA HGX H100 product carbon footprint summary, per H100 80GB GPU", False),
         DeviceFootprint("H200", 164.0, "estimate: taken equal to H100 (same GH100 die and SXM board; extra HBM not counted)", True),
-        DeviceFootprint("A100", _A100_KG, "Luccioni et al. 2022, 'Estimating the Carbon Footprint of BLOOM' (per-GPU estimate)", False),
+        DeviceFootprint("A100", _A100_KG, "Luccioni et al. 2022, 'Estimating the Carbon Footprint of BLOOM' (per-GPU figure, a lower bound)", False),
         _by_die_area("V100", 815.0, "GV100"),
         _by_die_area("L40S", 609.0, "AD102"),
         _by_die_area("L40", 609.0, "AD102"),

@@ -30,7 +30,7 @@ PRESETS: dict[str, PuePreset] = {
         PuePreset("average", 1.58, "Uptime Institute Global Data Center Survey 2023: average annual PUE 1.58"),
         PuePreset("gcp", 1.10, "Google Environmental Report 2023: fleet-wide trailing twelve-month PUE 1.10"),
         PuePreset("aws", 1.15, "Amazon Sustainability Report 2023: AWS global PUE 1.15 (Cloud Carbon Footprint uses 1.135)"),
-        PuePreset("azure", 1.18, "Microsoft datacenter sustainability fact sheet: design PUE ~1.18 (Cloud Carbon Footprint uses 1.185)"),
+        PuePreset("azure", 1.18, "Microsoft published datacenter fleet PUE ~1.18 (Cloud Carbon Footprint uses 1.185)"),
         PuePreset("meta", 1.08, "Meta Sustainability Report 2023: data centre fleet PUE ~1.08"),
         PuePreset("ideal", 1.0, "No facility overhead: reports IT energy only"),
     )
