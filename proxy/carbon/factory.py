@@ -169,7 +169,7 @@ def build_intensity_provider(
     if provider == "ukgrid":
         region_id = carbon.get("region_id")
         postcode = _str(carbon, "postcode")
-        if region_id is not None and (isinstance(region_id, bool) or region_id not in REGION_IDS):
+        if region_id is not None and (isinstance(region_id, bool) or not isinstance(region_id, int) or region_id not in REGION_IDS):
             raise ConfigError(_key("region_id"), f"expected a region id 1..17, got {region_id!r}")
         if region_id is not None and postcode is not None:
             raise ConfigError(_key("postcode"), "set region_id or postcode, not both")

@@ -79,6 +79,7 @@ def test_token_file(tmp_path: Path) -> None:
         ({"provider": "electricitymaps", "zone": "DE", "fallback_zone": "XX"}, "carbon.fallback_zone", "unknown zone"),
         ({"provider": "watttime", "zone": "CAISO_NORTH", "password_env": "NOPE"}, "carbon.password_env", "NOPE is not set"),
         ({"provider": "ukgrid", "region_id": 18}, "carbon.region_id", "1..17"),
+        ({"provider": "ukgrid", "region_id": 13.0}, "carbon.region_id", "1..17"),
         ({"provider": "ukgrid", "postcode": "12345"}, "carbon.postcode", "not a UK postcode"),
         ({"provider": "ukgrid", "postcode": "RG10", "region_id": 3}, "carbon.postcode", "not both"),
         ({"provider": "carbonaware", "location": "eastus"}, "carbon.url", "self-hosted"),
