@@ -1,0 +1,7 @@
+"""A simulated model server and accelerator for the demo, the tests and the benchmarks."""
+
+from proxy.sim.clock import VirtualClock
+from proxy.sim.gpu import RequestEnergy, SimGpu
+from proxy.sim.power import PowerModel
+
+__all__ = ["PowerModel", "RequestEnergy", "SimGpu", "VirtualClock"]
