@@ -112,7 +112,8 @@ async def run_sim_server(
     app = create_sim_app(config, gpu)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout_seconds)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    # Thousands of clients connect at once in the benchmarks; 128 (the default) drops SYNs.
+    site = web.TCPSite(runner, host, port, backlog=4096)
     await site.start()
     bound_port = runner.addresses[0][1] if runner.addresses else port
     return SimServer(runner=runner, site=site, app=app, host=host, port=bound_port)
