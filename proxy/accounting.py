@@ -106,15 +106,15 @@ class Accountant:
     def figures(self, usage: RequestUsage, now: float) -> Figures:
         pricing = self._pricing[usage.group]
         if usage.final:
-            joules, weighted = usage.energy_joules, usage.weighted_joules
+            joules, weighted, reserved = usage.energy_joules, usage.weighted_joules, usage.reserved_seconds
         else:
-            joules, weighted = self.engine.provisional(usage, now)
+            joules, weighted, reserved = self.engine.provisional(usage, now)
         reading = self._intensity.at((usage.closed_at or now) + self._wall_offset)
         # weighted = sum of joules x g/kWh of each interval: a long stream that crosses an
         # intensity data point is priced with both values.
         operational = weighted / JOULES_PER_KWH * pricing.pue
         intensity = weighted / joules if joules > 0 else reading.g_per_kwh
-        embodied = usage.reserved_seconds * pricing.devices * pricing.embodied_g_per_device_second
+        embodied = reserved * pricing.devices * pricing.embodied_g_per_device_second
         status = "final" if usage.final else "provisional"
         basis = f"{self._meter_basis()}; {reading.basis()}; pue={pricing.pue:g}; status={status}"
         return Figures(

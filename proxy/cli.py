@@ -13,8 +13,6 @@ from proxy.config import (
     DEFAULT_PUE,
     METERS,
     Config,
-    MeterConfig,
-    ServerConfig,
     UpstreamConfig,
     config_from_dict,
     load_config,
@@ -72,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         server = replace(server, admin_listen=parse_host_port("--admin-listen", args.admin_listen))
     config = replace(config, server=server)
     if args.meter:
-        config = replace(config, meter=MeterConfig(kind=args.meter, interval_ms=config.meter.interval_ms, options=config.meter.options))
+        config = replace(config, meter=replace(config.meter, kind=args.meter))
     if args.intensity:
         carbon = {k: v for k, v in config.carbon.items() if k not in ("intensity", "provider", "zone")}
         try:

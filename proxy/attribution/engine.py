@@ -124,24 +124,26 @@ class AttributionEngine:
         group.open.discard(usage)
         group.closed_since_sample.append(usage)
 
-    def provisional(self, usage: RequestUsage, now: float) -> tuple[float, float]:
-        """(joules, weighted joules) for a request that just closed, before the meter
-        has covered its end: credited shares plus the tail since the last sample,
-        estimated from the group's recent power."""
+    def provisional(self, usage: RequestUsage, now: float) -> tuple[float, float, float]:
+        """(joules, weighted joules, reserved seconds) for a request that just closed,
+        before the meter has covered its end: credited shares plus the tail since the
+        last sample, estimated from the group's recent power."""
         group = self._groups[usage.group]
         joules = usage.energy_joules
         weighted = usage.weighted_joules + usage.weighted_estimate
+        reserved = usage.reserved_seconds
         if group.last_t is None:
-            return joules, weighted
+            return joules, weighted, reserved
         start = max(group.last_t, usage.opened_at)
         end = usage.closed_at if usage.closed_at is not None else now
         tail = end - start
         if tail > 0:
-            present = len(group.open) + len(group.closed_since_sample)
-            tail_joules = group.last_power_watts * tail / max(1, present)
+            present = max(1, len(group.open) + len(group.closed_since_sample))
+            tail_joules = group.last_power_watts * tail / present
             joules += tail_joules
             weighted += tail_joules * self._weight_at(end)
-        return joules, weighted
+            reserved += tail / present
+        return joules, weighted, reserved
 
     # -- meter side -----------------------------------------------------------------
 
