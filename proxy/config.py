@@ -69,8 +69,13 @@ class UpstreamConfig:
 class MeterConfig:
     kind: str = "auto"
     interval_ms: int = 100
-    options: dict[str, Any] = field(default_factory=dict)
-    """The sub-table of the chosen kind, e.g. [meter.scrape]."""
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Every [meter.KIND] sub-table given, so `--meter KIND` finds its settings."""
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The sub-table of the chosen kind, e.g. [meter.scrape]."""
+        return dict(self.tables.get(self.kind, {}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +90,11 @@ class AttributionConfig:
 class ReceiptsConfig:
     path: str = "carbon-proxy.db"
     retention_days: int = 90
+    max_mb: float | None = 1024.0
+    """Size cap of the database file: the oldest receipts go first. None: retention only."""
+    commit_wait_ms: float = 100.0
+    """How long a response may wait for its receipt's batch to commit before its last
+    bytes go out (group commit: a completed response has a durable receipt). 0: never."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,8 +247,8 @@ def _meter(table: dict[str, Any]) -> MeterConfig:
     allowed = {"kind", "interval_ms", *METERS}
     _check_keys("meter", table, allowed)
     interval_ms = _number("meter.interval_ms", table.get("interval_ms", 100), minimum=10)
-    options = _table(f"meter.{kind}", table.get(kind, {}))
-    return MeterConfig(kind=kind, interval_ms=int(interval_ms), options=dict(options))
+    tables = {name: dict(_table(f"meter.{name}", table[name])) for name in METERS if name in table}
+    return MeterConfig(kind=kind, interval_ms=int(interval_ms), tables=tables)
 
 
 def _attribution(table: dict[str, Any]) -> AttributionConfig:
@@ -257,12 +267,17 @@ def _attribution(table: dict[str, Any]) -> AttributionConfig:
 
 
 def _receipts(table: dict[str, Any]) -> ReceiptsConfig:
-    _check_keys("receipts", table, {"path", "retention_days", "max_mb"})
+    _check_keys("receipts", table, {"path", "retention_days", "max_mb", "commit_wait_ms"})
     path = table.get("path", "carbon-proxy.db")
     if not isinstance(path, str) or not path:
         raise ConfigError("receipts.path", f"expected a file path, got {path!r}")
     days = _number("receipts.retention_days", table.get("retention_days", 90), positive=True)
-    return ReceiptsConfig(path=path, retention_days=int(days))
+    defaults = ReceiptsConfig()
+    max_mb = table.get("max_mb", defaults.max_mb)
+    # 0 (or false) switches the cap off; retention then bounds the file alone.
+    cap = None if max_mb in (0, False) else _number("receipts.max_mb", max_mb, positive=True)
+    wait = _number("receipts.commit_wait_ms", table.get("commit_wait_ms", defaults.commit_wait_ms), minimum=0)
+    return ReceiptsConfig(path=path, retention_days=int(days), max_mb=cap, commit_wait_ms=wait)
 
 
 def _check_routing(upstreams: tuple[UpstreamConfig, ...]) -> None:
