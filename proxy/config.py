@@ -289,14 +289,15 @@ def _check_routing(upstreams: tuple[UpstreamConfig, ...]) -> None:
             raise ConfigError(f"upstreams[{i}].name", f"duplicate upstream name {upstream.name!r}")
         names.add(upstream.name)
     # Device groups must be identical or disjoint, or one joule would be counted twice.
-    groups = {frozenset(u.devices) for u in upstreams if u.devices}
     for i, upstream in enumerate(upstreams):
         mine = frozenset(upstream.devices)
-        for other in groups:
-            if mine and other != mine and mine & other:
+        for earlier in upstreams[:i]:
+            other = frozenset(earlier.devices)
+            if mine and other and mine != other and mine & other:
                 raise ConfigError(
                     f"upstreams[{i}].devices",
-                    f"devices {sorted(mine)} partly overlap {sorted(other)}; upstreams on shared GPUs must list the same devices",
+                    f"devices {sorted(mine)} partly overlap {sorted(other)} of {earlier.name!r}; "
+                    "upstreams on shared GPUs must list the same devices",
                 )
 
 
