@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import aiohttp
+from yarl import URL
 from aiohttp import web
 from helpers import FakeMeter, start_upstream
 
@@ -48,7 +49,7 @@ async def test_model_then_longest_prefix_then_default() -> None:
                 ("/v1/images/generations?x=%2F", {"prompt": "p"}, "images"),
             ]
             for path, body, expected in cases:
-                async with session.post(base + path, json=body) as response:
+                async with session.post(URL(base + path, encoded=True), json=body) as response:
                     data = await response.json()
                     assert data["served_by"] == expected, path
                     assert data["path"] == path  # path and query forwarded byte for byte
