@@ -10,7 +10,6 @@ from dataclasses import replace
 from typing import Sequence
 
 from proxy.config import (
-    DEFAULT_PUE,
     METERS,
     Config,
     UpstreamConfig,
@@ -38,7 +37,7 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener for /metrics, /healthz (default 127.0.0.1:9464)")
     parser.add_argument("--meter", choices=METERS, help="energy source (default auto: nvml, else estimate)")
     parser.add_argument("--intensity", metavar="NUMBER|ZONE", help="grid intensity in gCO2e/kWh, or a zone such as DEU or gcp:europe-west4")
-    parser.add_argument("--pue", type=float, help=f"power usage effectiveness (default {DEFAULT_PUE})")
+    parser.add_argument("--pue", type=float, help="power usage effectiveness (default: the cloud's own for a cloud zone, else 1.58)")
     parser.add_argument("--receipts", metavar="PATH", help="receipts database (default carbon-proxy.db; ':memory:' keeps none)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxy.carbon.pue import resolve_pue
 from proxy.errors import ConfigError
 
 DIALECTS = ("openai", "tgi", "ollama", "llamacpp", "diffusion", "generic")
-DEFAULT_PUE = 1.2
 METERS = ("auto", "nvml", "scrape", "rapl", "estimate", "sim")
 
 
@@ -104,8 +104,8 @@ class Config:
     meter: MeterConfig = MeterConfig()
     carbon: dict[str, Any] = field(default_factory=lambda: {"intensity": 475.0})
     """The [carbon] table, validated by proxy.carbon when the provider is built."""
-    pue: float = 1.2
-    """Default PUE for upstreams that name none ([carbon].pue)."""
+    pue: float = 1.58
+    """Default PUE for upstreams that name none ([carbon].pue; see proxy.carbon.pue)."""
     attribution: AttributionConfig = AttributionConfig()
     receipts: ReceiptsConfig = ReceiptsConfig()
     tenants: dict[str, Any] = field(default_factory=dict)
@@ -313,7 +313,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     _check_routing(upstreams)
     carbon = dict(_table("carbon", data.get("carbon", {"intensity": 475.0})))
     # [carbon].pue is the default for upstreams that set none; proxy.carbon never sees it.
-    pue = _number("carbon.pue", carbon.pop("pue", DEFAULT_PUE), minimum=1.0)
+    # Nothing set: the cloud's own PUE for a cloud-region zone, else the industry average.
+    pue, _ = resolve_pue(carbon.pop("pue", None), key="carbon.pue", zone=carbon.get("zone"))
     return Config(
         server=server,
         upstreams=upstreams,
