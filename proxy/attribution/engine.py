@@ -5,6 +5,11 @@ once (presence is known); dynamic shares are estimates until every request prese
 the interval has closed and reported its exact work, then the interval settles and the
 estimates are replaced. Every interval's energy goes either to requests or to idle, so
 request energy + idle energy = measured energy.
+
+Dynamic energy follows work (DESIGN.md section 5). What the proxy sees of work is
+indirect, so per group it learns: idle power; the cost of work (learning.py: joules per
+prompt token, and decode power by batch size); when prompts were processed (prefill.py,
+from the meter, first come first served); and paces from streams (timing.py).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 from proxy.attribution.learning import IdlePowerLearner, WorkCostLearner
-from proxy.attribution.split import known_work, presence_shares, split_dynamic
+from proxy.attribution.prefill import PrefillProgress
+from proxy.attribution.split import known_work, presence_shares, split_dynamic, split_priced
+from proxy.attribution.timing import PaceLearner
 from proxy.attribution.usage import RequestUsage
 from proxy.meters.base import EnergySample
 
@@ -23,9 +30,12 @@ log = logging.getLogger("carbon_proxy.attribution")
 
 DEFAULT_PREFILL_WEIGHT = 0.1
 """A prompt token costs about a tenth of an output token (batched prefill is compute
-bound and fast; decode is memory bound). Learned online when not configured."""
+bound and fast; decode is memory bound). Used until the group's costs are learned, or
+configured (then always)."""
 DEFAULT_PREFILL_TOKENS_PER_SECOND = 5000.0
-"""Used only to place a non-streaming request's prefill inside its duration."""
+"""Until learned from streams: how long a prompt of n tokens takes to prefill."""
+DEFAULT_DECODE_SECONDS_PER_TOKEN = 0.03
+"""Until learned from streams: a decoding sequence's time per output token."""
 
 
 @dataclass(slots=True, eq=False)
@@ -38,7 +48,9 @@ class _Interval:
     presence: array  # seconds present, per member
     binned: array  # output tokens seen in the interval, per member (streams)
     estimates: array  # dynamic joules credited as estimates, per member
-    open_members: int
+    progress: tuple[float, float]  # the group's prefill progress at t0 and t1
+    uncovered: int = 0
+    """Members not yet closed and covered by a sample; the interval settles at 0."""
 
 
 @dataclass(slots=True)
@@ -55,15 +67,22 @@ class _Group:
     name: str
     devices: tuple[str, ...]
     idle: IdlePowerLearner
+    cost: WorkCostLearner
+    pace: PaceLearner = field(default_factory=lambda: PaceLearner(DEFAULT_PREFILL_TOKENS_PER_SECOND))
+    prefill: PrefillProgress = field(default_factory=PrefillProgress)
     open: set[RequestUsage] = field(default_factory=set)
     closed_since_sample: list[RequestUsage] = field(default_factory=list)
-    pending: list[_Interval] = field(default_factory=list)
+    pending: int = 0
     last_t: float | None = None
     last_joules: float = 0.0
     last_power_watts: float = 0.0
     totals: GroupTotals = field(default_factory=GroupTotals)
-    rate_units_per_second: float = 0.0
-    """Work per present-second, for estimating open non-streaming requests."""
+
+
+def _tokens_per_second(rows: list[tuple[float, float]]) -> float:
+    """Output tokens per second in the decode batch over (tokens, seconds) pairs."""
+    seconds = sum(s for _, s in rows)
+    return sum(o for o, s in rows if s > 0) / seconds if seconds > 0 else 0.0
 
 
 class AttributionEngine:
@@ -78,6 +97,7 @@ class AttributionEngine:
     ) -> None:
         """groups: group name -> meter device ids (an upstream's `devices`).
         idle_power_watts: per device (a number, or per device id), or None to learn it.
+        prefill_weight: a fixed prefill weight, or None to learn each group's costs.
         weight_at: a price per joule at a monotonic time (e.g. grid intensity), summed
         alongside joules so that each interval is priced at its own time."""
         self._groups: dict[str, _Group] = {}
@@ -87,8 +107,8 @@ class AttributionEngine:
                 fixed = float(idle_power_watts) * len(devices)
             elif isinstance(idle_power_watts, Mapping):
                 fixed = sum(float(idle_power_watts.get(d, 0.0)) for d in devices)
-            self._groups[name] = _Group(name, tuple(devices), IdlePowerLearner(fixed_watts=fixed))
-        self._cost = WorkCostLearner(fixed_prefill_weight=prefill_weight, default_prefill_weight=DEFAULT_PREFILL_WEIGHT)
+            cost = WorkCostLearner(fixed_prefill_weight=prefill_weight, default_prefill_weight=DEFAULT_PREFILL_WEIGHT)
+            self._groups[name] = _Group(name, tuple(devices), IdlePowerLearner(fixed_watts=fixed), cost)
         self._weight_at = weight_at or (lambda t: 0.0)
         self._on_final = on_final
 
@@ -100,7 +120,9 @@ class AttributionEngine:
 
     def open(self, group: str, at: float, *, streaming: bool, prompt_tokens_estimate: int = 0) -> RequestUsage:
         usage = RequestUsage(group=group, opened_at=at, streaming=streaming, prompt_tokens_estimate=prompt_tokens_estimate)
-        self._groups[group].open.add(usage)
+        g = self._groups[group]
+        g.open.add(usage)
+        g.prefill.enqueue(usage)
         return usage
 
     def close(
@@ -121,6 +143,10 @@ class AttributionEngine:
         usage.work_units = work_units
         usage.prefill_seconds = prefill_seconds
         group = self._groups[usage.group]
+        if usage.streaming and usage.first_token_at is not None and usage.last_token_at is not None:
+            group.pace.observe_stream(
+                prompt_tokens or 0, usage.opened_at, usage.first_token_at, usage.last_token_at, output_tokens or 0
+            )
         group.open.discard(usage)
         group.closed_since_sample.append(usage)
 
@@ -192,53 +218,127 @@ class AttributionEngine:
             usage.sampled_output_tokens += usage.unsampled_output_tokens
             usage.unsampled_output_tokens = 0
 
+        dynamic_joules = energy - static_joules
+        progress = self._prefill_progress(group, t0, t1, members, dynamic_joules)
         interval = _Interval(
             t0=t0,
             t1=t1,
-            dynamic_joules=energy - static_joules,
+            dynamic_joules=dynamic_joules,
             weight=weight,
             members=members,
             presence=array("d", (u.presence_seconds(t0, t1) for u in members)),
             binned=binned,
             estimates=array("d", bytes(8 * len(members))),
-            open_members=sum(1 for u in members if u.closed_at is None or u.closed_at > t1),
+            progress=progress,
         )
-        if interval.open_members == 0:
+        interval.uncovered = sum(1 for u in members if u.closed_at is None or u.closed_at > t1)
+        if interval.uncovered == 0:
             idle_joules += self._settle(group, interval)
         else:
             self._estimate(group, interval)
             for usage in members:
                 usage.pending_intervals += 1
-            group.pending.append(interval)
+                if usage.closed_at is None or usage.closed_at > t1:
+                    usage.pending.append(interval)
+            group.pending += 1
         group.totals.idle_joules += idle_joules
-        self._settle_pending(group, t1)
-        # Closed requests the meter has now covered become final once nothing is pending.
+        # Closed requests the meter has now covered: their intervals may settle, and
+        # they become final once none is pending.
         waiting = []
         for usage in group.closed_since_sample:
             if usage.closed_at > t1:  # type: ignore[operator]
                 waiting.append(usage)  # closed after the reading was taken: still uncovered
             else:
-                self._maybe_final(usage, t1)
+                self._covered(group, usage, t1)
         group.closed_since_sample = waiting
 
-    def _works(self, group: _Group, interval: _Interval, exact: bool) -> tuple[list[float], float, float]:
-        """Work per member, and the interval's prompt and output totals (for learning)."""
-        weight = self._cost.prefill_weight
-        works: list[float] = []
-        prompt_total = output_total = 0.0
-        for usage, binned, present in zip(interval.members, interval.binned, interval.presence):
-            if not exact and usage.closed_at is None and not usage.streaming:
-                works.append(group.rate_units_per_second * present)
-                continue
-            prompt, output = known_work(usage, interval.t0, interval.t1, binned, DEFAULT_PREFILL_TOKENS_PER_SECOND)
+    def _prefill_progress(
+        self, group: _Group, t0: float, t1: float, members: list[RequestUsage], dynamic_joules: float
+    ) -> tuple[float, float]:
+        """Advance the group's prefill progress over [t0, t1]: requests that showed their
+        prefill done jump it, the energy not drawn by decoding measures the rest."""
+        prefill = group.prefill
+        for usage in prefill.first_tokens():
+            if usage.first_token_at <= t1:  # type: ignore[operator]
+                prefill.done_by(usage, usage.first_token_at)  # type: ignore[arg-type]
+        for usage in group.closed_since_sample:
+            if usage.closed_at <= t1:  # type: ignore[operator]
+                prefill.done_by(usage, usage.closed_at)  # type: ignore[arg-type]
+        costs = group.cost.costs()
+        if costs is None or costs.prompt_joules_per_token <= 0:
+            processed = group.pace.pace().prefill_tokens_per_second * (t1 - t0)
+        else:
+            decode_seconds = sequence_seconds = 0.0
+            for usage in members:
+                start = usage.first_token_at if usage.streaming else usage.prefill_done_at
+                if start is not None:
+                    end = usage.closed_at if usage.closed_at is not None else t1
+                    decoding = max(0.0, min(end, t1) - max(start, t0))
+                    sequence_seconds += decoding
+                    decode_seconds = max(decode_seconds, decoding)
+            decode_joules = costs.decode_joules(decode_seconds, sequence_seconds)
+            processed = max(0.0, dynamic_joules - decode_joules) / costs.prompt_joules_per_token
+        return prefill.advance(t0, t1, processed)
+
+    def _works(self, group: _Group, interval: _Interval) -> tuple[list[float], list[float], tuple[float, float, float, float]]:
+        """Per member: prompt work and decode work (output tokens); and the interval's
+        totals of prompt and output tokens, seconds decoding, and sequence-seconds
+        decoding. With learned costs, prompt work is in joules (split_priced); before, in
+        output tokens (prefill weight x prompt tokens)."""
+        pace = group.pace.pace()
+        rows: list[tuple[float, float, float]] = []
+        prompt_total = output_total = sequence_seconds = decode_seconds = 0.0
+        for usage, binned in zip(interval.members, interval.binned):
+            row = known_work(usage, interval.t0, interval.t1, binned, pace, interval.progress)
+            rows.append(row)
+            prompt, output, decoding = row
             prompt_total += prompt
             output_total += output
-            works.append(weight * prompt + output)
-        return works, prompt_total, output_total
+            sequence_seconds += decoding
+            # The batch decodes as one: the interval decoded while any member did.
+            decode_seconds = max(decode_seconds, decoding)
+        totals = (prompt_total, output_total, decode_seconds, sequence_seconds)
+        costs = group.cost.costs()
+        price = group.cost.fallback_weight if costs is None else costs.prompt_joules_per_token
+        prompts = [price * p for p, _, _ in rows]
+        if output_total > 0:
+            decodes = [o for _, o, _ in rows]
+            # A non-streamed request's tokens are known only in total; the batch makes one
+            # token per sequence per step, so in the batch it made as many as the streams
+            # beside it did per second (or, with no streams, as its batch-mates on average).
+            streamed = [(o, s) for u, (_, o, s) in zip(interval.members, rows) if u.streaming]
+            rate = _tokens_per_second(streamed) or _tokens_per_second(
+                [(o, s) for u, (_, o, s) in zip(interval.members, rows) if not u.streaming]
+            )
+            if rate:
+                decodes = [o if u.streaming or s <= 0 else s * rate for u, (_, o, s) in zip(interval.members, rows)]
+        else:
+            # Decoding, but no token came out in the interval (a step outlasted it, e.g.
+            # one carrying a long prefill chunk): the batch shares it by time in the batch.
+            tokens_per_second = 1.0 / (pace.decode_seconds_per_token or DEFAULT_DECODE_SECONDS_PER_TOKEN)
+            decodes = [s * tokens_per_second for _, _, s in rows]
+        return prompts, decodes, totals
+
+    def _split(
+        self, group: _Group, interval: _Interval, settle: bool
+    ) -> tuple[list[float], float, tuple[float, float, float, float]]:
+        prompts, decodes, totals = self._works(group, interval)
+        if group.cost.costs() is None:
+            works = [p + d for p, d in zip(prompts, decodes)]
+            return (*split_dynamic(interval.dynamic_joules, works, interval.presence), totals)
+        shares, idle = split_priced(interval.dynamic_joules, prompts, decodes, interval.presence)
+        prompt_total, output_total = totals[0], totals[1]
+        if settle and prompt_total > 0 and output_total > 0:
+            # The interval's prefill weight, for metrics: joules per prompt token paid over
+            # joules per output token left.
+            prefill_joules = min(interval.dynamic_joules, sum(prompts))
+            decode_joules = interval.dynamic_joules - prefill_joules
+            if decode_joules > 0:
+                group.cost.last_weight = (prefill_joules / prompt_total) / (decode_joules / output_total)
+        return shares, idle, totals
 
     def _estimate(self, group: _Group, interval: _Interval) -> None:
-        works, _, _ = self._works(group, interval, exact=False)
-        shares, _ = split_dynamic(interval.dynamic_joules, works, interval.presence)
+        shares, _, _ = self._split(group, interval, settle=False)
         for i, (usage, share) in enumerate(zip(interval.members, shares)):
             interval.estimates[i] = share
             usage.dynamic_joules_estimate += share
@@ -246,8 +346,7 @@ class AttributionEngine:
 
     def _settle(self, group: _Group, interval: _Interval) -> float:
         """Split the interval's dynamic energy with exact work; returns joules to idle."""
-        works, prompt_total, output_total = self._works(group, interval, exact=True)
-        shares, idle_joules = split_dynamic(interval.dynamic_joules, works, interval.presence)
+        shares, idle_joules, totals = self._split(group, interval, settle=True)
         for i, (usage, share) in enumerate(zip(interval.members, shares)):
             estimate = interval.estimates[i]
             usage.dynamic_joules_estimate -= estimate
@@ -255,26 +354,23 @@ class AttributionEngine:
             usage.dynamic_joules_final += share
             usage.weighted_joules += share * interval.weight
             group.totals.attributed_joules += share
-        present = sum(interval.presence)
-        if present > 0:
-            rate = sum(works) / present
-            group.rate_units_per_second = rate if group.rate_units_per_second == 0 else 0.8 * group.rate_units_per_second + 0.2 * rate
-        self._cost.observe(interval.dynamic_joules, prompt_total, output_total)
+        group.cost.observe(interval.t1 - interval.t0, interval.dynamic_joules, *totals)
         return idle_joules
 
-    def _settle_pending(self, group: _Group, t1: float) -> None:
-        if not group.pending:
-            return
-        still: list[_Interval] = []
-        for interval in group.pending:
-            if any(u.closed_at is None or u.closed_at > t1 for u in interval.members):
-                still.append(interval)
-                continue
-            group.totals.idle_joules += self._settle(group, interval)
-            for usage in interval.members:
-                usage.pending_intervals -= 1
-                self._maybe_final(usage, t1)
-        group.pending = still
+    def _covered(self, group: _Group, usage: RequestUsage, t1: float) -> None:
+        """A closed request the meter now covers: settle the intervals that waited only
+        for it (each membership is visited once: O(1) amortized per interval member)."""
+        for interval in usage.pending:  # type: ignore[assignment]
+            assert isinstance(interval, _Interval)
+            interval.uncovered -= 1
+            if interval.uncovered == 0:
+                group.pending -= 1
+                group.totals.idle_joules += self._settle(group, interval)
+                for member in interval.members:
+                    member.pending_intervals -= 1
+                    self._maybe_final(member, t1)
+        usage.pending = []
+        self._maybe_final(usage, t1)
 
     def _maybe_final(self, usage: RequestUsage, last_sample_t: float) -> None:
         if usage.final or usage.closed_at is None or usage.pending_intervals or usage.closed_at > last_sample_t:
@@ -304,7 +400,8 @@ class AttributionEngine:
 
     @property
     def prefill_weight(self) -> float:
-        return self._cost.prefill_weight
+        """The latest interval's prefill weight, the largest over groups (one gauge)."""
+        return max((g.cost.prefill_weight for g in self._groups.values()), default=DEFAULT_PREFILL_WEIGHT)
 
     def in_flight(self, group: str) -> int:
         return len(self._groups[group].open)

@@ -4,7 +4,9 @@ measured = static (idle power x time) + dynamic.
 - static: shared equally among the requests present at each instant; instants with
   nobody present are idle.
 - dynamic: shared by work (prefill_weight x prompt tokens + output tokens, or work
-  units); with no work seen, by presence; with nobody present, idle.
+  units); with no work seen, by presence; with nobody present, idle. Once the group's
+  costs are learned, prompts are paid their price in joules and the decoding batch
+  shares the rest by time in the batch (split_priced).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Sequence
 
+from proxy.attribution.prefill import queued_prompt_in
+from proxy.attribution.timing import Pace
 from proxy.attribution.usage import RequestUsage
 
 
@@ -66,10 +70,11 @@ def _spread(total: float, s0: float, s1: float, t0: float, t1: float) -> float:
 
 
 def known_work(
-    usage: RequestUsage, t0: float, t1: float, binned_output: float, default_prefill_tokens_per_second: float
-) -> tuple[float, float]:
-    """(prompt tokens, output tokens + work units) of a request in [t0, t1], from what is
-    known now (exact once it is closed). The caller weighs the prompt part."""
+    usage: RequestUsage, t0: float, t1: float, binned_output: float, pace: Pace, progress: tuple[float, float]
+) -> tuple[float, float, float]:
+    """(prompt tokens, output tokens + work units, seconds in the decode batch) of a
+    request in [t0, t1], from what is known now (exact once it is closed). `progress` is
+    the group's prefill progress at t0 and t1 (prefill.py)."""
     end = usage.closed_at if usage.closed_at is not None else t1
     prompt = usage.prompt_tokens if usage.prompt_tokens is not None else usage.prompt_tokens_estimate
     units = 0.0
@@ -77,26 +82,31 @@ def known_work(
         units = _spread(usage.work_units, usage.opened_at, end, t0, t1)
     if usage.streaming:
         prefill_end = usage.first_token_at if usage.first_token_at is not None else end
+        # Time to first token is queueing, then prefill: the prefill is its last part.
+        prefill_start = max(usage.opened_at, prefill_end - prompt / pace.prefill_tokens_per_second)
         output = binned_output
         sampled = usage.sampled_output_tokens
         if usage.output_tokens is not None and sampled > 0:
             output *= usage.output_tokens / sampled  # chunks are not always one token each
-        return _spread(prompt, usage.opened_at, prefill_end, t0, t1), units + output
-    if usage.closed_at is None:
-        return 0.0, units
-    # Non-streaming: only totals are known. Prefill first, then decode.
-    duration = end - usage.opened_at
-    if usage.prefill_seconds is not None:
-        prefill_seconds = min(duration, usage.prefill_seconds)
-    else:
-        prefill_seconds = min(duration * 0.5, prompt / default_prefill_tokens_per_second)
-    split_at = usage.opened_at + prefill_seconds
-    output_total = usage.output_tokens or 0
-    return _spread(prompt, usage.opened_at, split_at, t0, t1), units + _spread(output_total, split_at, end, t0, t1)
+        decoding = _overlap(prefill_end, end, t0, t1) if usage.first_token_at is not None else 0.0
+        return _spread(prompt, prefill_start, prefill_end, t0, t1), units + output, decoding
+    # Not streamed: prefill where the group's progress passed its prompt, decode from
+    # then to the end, its output tokens (known at the end) spread over that.
+    done = usage.prefill_done_at
+    if usage.queue_to_tokens > usage.queue_from_tokens:
+        prompt_part = queued_prompt_in(usage, progress[0], progress[1], prompt)
+    else:  # no estimate at arrival: prefill from the start at the learned pace
+        done = min(end, usage.opened_at + prompt / pace.prefill_tokens_per_second)
+        prompt_part = _spread(prompt, usage.opened_at, done, t0, t1)
+    if done is None:
+        return prompt_part, units, 0.0
+    output = _spread(usage.output_tokens or 0, done, end, t0, t1) if usage.closed_at is not None else 0.0
+    return prompt_part, units + output, _overlap(done, end, t0, t1)
 
 
 def split_dynamic(dynamic_joules: float, works: Sequence[float], presence: Sequence[float]) -> tuple[list[float], float]:
-    """Dynamic joules per member, and the part that goes to idle (nobody present)."""
+    """Dynamic joules per member in proportion to work; with no work, by presence; with
+    nobody present, all of it to idle (the second value)."""
     total_work = sum(works)
     if total_work > 0:
         return [dynamic_joules * w / total_work for w in works], 0.0
@@ -104,3 +114,25 @@ def split_dynamic(dynamic_joules: float, works: Sequence[float], presence: Seque
     if total_presence > 0:
         return [dynamic_joules * p / total_presence for p in presence], 0.0
     return [0.0] * len(works), dynamic_joules
+
+
+def split_priced(
+    dynamic_joules: float, prompt_joules: Sequence[float], decode_work: Sequence[float], presence: Sequence[float]
+) -> tuple[list[float], float]:
+    """Prompt tokens at their learned price, the decoding batch shares the rest.
+
+    This is the work split with the interval's own prefill weight: joules per prompt
+    token over the joules per output token left once prompts are paid. Only when the
+    interval drew less than its prompts' price are they scaled down (and decode gets
+    nothing). Paying prompts their price, rather than scaling everything by the
+    interval's energy, keeps a prompt that the proxy placed in a neighbouring interval
+    (it cannot see exactly when the server prefilled) from taking that interval's level.
+    """
+    prefill = sum(prompt_joules)
+    decode = sum(decode_work)
+    if prefill <= 0 or decode <= 0:
+        works = [p + d for p, d in zip(prompt_joules, decode_work)]
+        return split_dynamic(dynamic_joules, works, presence)
+    scale = min(1.0, dynamic_joules / prefill)
+    rest = (dynamic_joules - prefill * scale) / decode
+    return [p * scale + d * rest for p, d in zip(prompt_joules, decode_work)], 0.0

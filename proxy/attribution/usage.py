@@ -19,6 +19,7 @@ class RequestUsage:
     prompt_tokens_estimate: int = 0
     closed_at: float | None = None
     first_token_at: float | None = None
+    last_token_at: float | None = None
 
     # Output tokens seen since the last meter sample (streams): the engine bins them.
     unsampled_output_tokens: int = 0
@@ -29,6 +30,12 @@ class RequestUsage:
     output_tokens: int | None = None
     work_units: float | None = None
     prefill_seconds: float | None = None
+
+    # The request's slice of its group's cumulative arrived prompt tokens, and when the
+    # group's prefill progress passed its end (see prefill.py).
+    queue_from_tokens: float = 0.0
+    queue_to_tokens: float = 0.0
+    prefill_done_at: float | None = None
 
     # What the engine credited. Static shares are final when credited; dynamic shares
     # are estimates until every request in the interval is closed.
@@ -41,14 +48,17 @@ class RequestUsage:
     """Sum of credited joules x weight(time of interval); the caller's price, e.g. gCO2e/kWh."""
     weighted_estimate: float = 0.0
     pending_intervals: int = 0
+    pending: list[object] = field(default_factory=list, repr=False)
+    """The engine's unsettled intervals this request is in (settled once all are covered)."""
     final: bool = False
     owner: object | None = field(default=None, repr=False)
     """The caller's record for this request (the engine never looks inside)."""
 
     def tick(self, count: int, at: float) -> None:
-        """Output tokens seen in the stream (hot path: one add)."""
+        """Output tokens seen in the stream (hot path: an add and a store)."""
         if self.first_token_at is None:
             self.first_token_at = at
+        self.last_token_at = at
         self.unsampled_output_tokens += count
 
     @property
