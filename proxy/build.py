@@ -109,11 +109,9 @@ def build_embodied_rates(config: Config) -> Callable[[str], float]:
 
 
 def build_receipts(config: Config) -> ReceiptStore:
-    path = config.receipts.path
-    if path == ":memory:":
+    from proxy.receipts.sqlite import SqliteReceiptStore
+
+    receipts = config.receipts
+    if receipts.path == ":memory:":
         return MemoryReceiptStore()
-    try:
-        from proxy.receipts.sqlite import SqliteReceiptStore
-    except ImportError:
-        return MemoryReceiptStore()
-    return SqliteReceiptStore(path, retention_days=config.receipts.retention_days)
+    return SqliteReceiptStore(receipts.path, retention_days=receipts.retention_days, max_mb=receipts.max_mb)
