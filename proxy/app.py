@@ -69,6 +69,8 @@ class ProxyServer:
         self.accountant: Accountant | None = None
         self._record_listeners: list[Callable[[Receipt, Figures | None, MeteredExchange], None]] = []
         self.in_flight = 0
+        self._commit_wait_seconds = config.receipts.commit_wait_ms / 1000
+        self._written = getattr(receipts, "written", None)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -134,6 +136,15 @@ class ProxyServer:
         if isinstance(owner, MeteredExchange):
             owner.finalize(figures)
 
+    async def _receipt_written(self, request_id: str) -> None:
+        """Group commit: a response's last bytes wait (bounded) for its receipt's batch."""
+        if self._written is None or self._commit_wait_seconds <= 0:
+            return
+        try:
+            await self._written(request_id, self._commit_wait_seconds)
+        except Exception:
+            log.exception("receipt store failed while waiting for a commit")
+
     def _record(self, exchange: MeteredExchange, receipt: Receipt, figures: Figures | None) -> None:
         try:
             self.receipts.put(receipt)
@@ -192,6 +203,7 @@ class ProxyServer:
 
         request_id = request_id_from(request.headers)
         tenant, cred_hash = self.tenancy.identify(request.headers)
+        extra_headers = {"X-Request-Id": request_id}
         assert self.accountant is not None, "ProxyServer.start() was not awaited"
         usage = self.accountant.engine.open(
             group_name(upstream), started_monotonic, streaming=info.stream, prompt_tokens_estimate=info.prompt_tokens_estimate
@@ -206,7 +218,14 @@ class ProxyServer:
             started_monotonic=started_monotonic,
         )
         exchange = MeteredExchange(
-            meta=meta, upstream=upstream, dialect=dialect, info=info, usage=usage, accountant=self.accountant, record=self._record
+            meta=meta,
+            upstream=upstream,
+            dialect=dialect,
+            info=info,
+            usage=usage,
+            accountant=self.accountant,
+            record=self._record,
+            durable=self._receipt_written,
         )
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         headers = upstream_request_headers(
@@ -227,7 +246,7 @@ class ProxyServer:
                 body=send_body,
                 timeouts=upstream.timeouts,
                 exchange=exchange,
-                extra_headers={"X-Request-Id": request_id},
+                extra_headers=extra_headers,
             )
         finally:
             self.in_flight -= 1

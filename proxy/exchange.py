@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 from multidict import CIMultiDictProxy
 
@@ -45,6 +45,7 @@ class MeteredExchange:
         usage: RequestUsage,
         accountant: Accountant,
         record: Callable[["MeteredExchange", Receipt, Figures | None], None],
+        durable: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.meta = meta
         self.upstream = upstream
@@ -53,6 +54,7 @@ class MeteredExchange:
         self.usage = usage
         self.accountant = accountant
         self._record = record
+        self._durable = durable
         self.reader: ResponseReader = ResponseReader(info, usage.tick)
         self.status = 0
         self.first_byte_at: float | None = None
@@ -110,6 +112,7 @@ class MeteredExchange:
         except Exception:
             log.exception("dialect failed at end of stream")
         figures = self._close("ok")
+        await self._receipt_durable()
         placed = figures.as_json() if figures is not None and self._place_figures else None
         try:
             return self.reader.tail(placed)
@@ -123,6 +126,7 @@ class MeteredExchange:
         except Exception:
             log.exception("dialect failed on a response body")
         figures = self._close("ok" if self.status < 400 else "upstream_error")
+        await self._receipt_durable()
         return figures.headers() if figures is not None else {}
 
     def failed(self, reason: str) -> None:
@@ -133,6 +137,12 @@ class MeteredExchange:
         self._close(reason)
 
     # -- accounting -------------------------------------------------------------------
+
+    async def _receipt_durable(self) -> None:
+        # Before the last bytes go out: a response the client saw complete has its receipt
+        # on disk, even if the proxy is killed right after (bounded wait, never raises).
+        if self._durable is not None and self.receipt is not None:
+            await self._durable(self.meta.request_id)
 
     def _close(self, outcome: str) -> Figures | None:
         if self.outcome is not None:
