@@ -16,6 +16,7 @@ from yarl import URL
 
 from proxy.accounting import Accountant, Figures, GroupPricing
 from proxy.attribution import AttributionEngine, RequestUsage
+from proxy.budgets import REMAINING_HEADER, Budgets, format_grams
 from proxy.carbon.intensity import IntensityProvider
 from proxy.config import Config, UpstreamConfig
 from proxy.dialects import dialect_for
@@ -69,6 +70,8 @@ class ProxyServer:
         self.accountant: Accountant | None = None
         self._record_listeners: list[Callable[[Receipt, Figures | None, MeteredExchange], None]] = []
         self.in_flight = 0
+        self.budgets = Budgets(self.tenancy.budgets)
+        self.on_record(self.budgets.on_record)
         self._commit_wait_seconds = config.receipts.commit_wait_ms / 1000
         self._written = getattr(receipts, "written", None)
 
@@ -114,6 +117,9 @@ class ProxyServer:
             self.on_record(feed_meter)
         await self.intensity.start()
         await self.receipts.start()
+        usage = getattr(self.receipts, "tenant_usage_grams", None)
+        if usage is not None:
+            await self.budgets.load(usage)
         await self.forwarder.start()
         await self.sampler.start()
 
@@ -204,6 +210,13 @@ class ProxyServer:
         request_id = request_id_from(request.headers)
         tenant, cred_hash = self.tenancy.identify(request.headers)
         extra_headers = {"X-Request-Id": request_id}
+        allowed, remaining_grams = self.budgets.check(tenant)
+        if remaining_grams is not None:
+            extra_headers[REMAINING_HEADER] = format_grams(remaining_grams)
+        if not allowed:
+            extra_headers["Retry-After"] = str(self.budgets.retry_after_seconds(tenant))
+            message = f"tenant {tenant!r} has used its CO2e budget for this period; it resets at the start of the next (UTC)"
+            return json_error(429, "carbon_budget_exceeded", message, extra_headers)
         assert self.accountant is not None, "ProxyServer.start() was not awaited"
         usage = self.accountant.engine.open(
             group_name(upstream), started_monotonic, streaming=info.stream, prompt_tokens_estimate=info.prompt_tokens_estimate

@@ -6,6 +6,7 @@ import hashlib
 import re
 from typing import Any, Mapping
 
+from proxy.budgets import BudgetConfig, parse_budgets
 from proxy.errors import ConfigError
 
 OTHER = "other"
@@ -46,6 +47,7 @@ class Tenancy:
             raise ConfigError("tenants.aliases", "expected a table of credential-hash prefix = tenant name")
         self.aliases: dict[str, str] = {str(k).lower(): v for k, v in aliases.items()}
         self.allow = frozenset(allow) | frozenset(self.aliases.values())
+        self.budgets: BudgetConfig = parse_budgets(table)  # validated here so check-config sees it too
 
     def identify(self, headers: Mapping[str, str]) -> tuple[str, str | None]:
         """(tenant, credential hash)."""
