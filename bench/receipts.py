@@ -139,7 +139,8 @@ async def main() -> None:
         size_mb = sum(f.stat().st_size for f in Path(tmp).glob("burst.db*")) / 1e6
         print(
             f"burst:  {args.requests} requests (2 receipts each) on disk in {elapsed:.2f} s = {args.requests / elapsed:,.0f} requests/s, "
-            f"{store.written_total / elapsed:,.0f} row upserts/s in {store.batches_total} transactions; "
+            f"{store.written_total / elapsed:,.0f} row upserts/s in {store.batches_total} transactions "
+            "(a provisional still queued when its final comes is replaced, not written twice); "
             f"dropped {store.dropped_total}; {size_mb:.1f} MB"
         )
         lag, _, _ = await paced(None, args.rate, args.seconds)
@@ -148,7 +149,7 @@ async def main() -> None:
         print(
             f"paced:  {total} requests at {args.rate:,.0f}/s: group-commit wait p50 {_ms(waits, 0.5)}, p99 {_ms(waits, 0.99)} "
             f"(event-loop lag at this load without a store: p50 {_ms(lag, 0.5)}, p99 {_ms(lag, 0.99)}); "
-            f"{paced_store.batches_total} transactions; dropped {paced_store.dropped_total}; "
+            f"{paced_store.written_total} row upserts in {paced_store.batches_total} transactions; dropped {paced_store.dropped_total}; "
             f"wait timeouts {paced_store.commit_wait_timeouts_total}"
         )
         print(f"put():  {put_cost_microseconds(str(Path(tmp) / 'put.db')):.2f} us on the event loop per receipt")
