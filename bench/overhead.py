@@ -1,0 +1,437 @@
+"""Proxy overhead: the same load against the sim model server directly and through the
+proxy, in one run (DESIGN.md section 9), printed as Markdown tables.
+
+Processes (each its own event loop): the sim model server (`python -m proxy.sim`), the
+proxy (`python -m proxy serve`, scrape meter on the sim's DCGM-format /metrics, receipts
+in memory), nginx as a reference reverse proxy when installed (one worker, keep-alive
+upstream pool), and the load generator (bench/_loadgen.py: aiohttp client, pooled
+keep-alive connector, uvloop). This process only orchestrates and samples /proc.
+
+Phases, direct and proxy alternating within each repetition (so drift and other load on
+the machine hit both alike):
+
+1. non-streaming, open loop: requests started at a fixed rate (default 200/s) whatever
+   the answers do; chat completions with max_tokens=1 (the sim answers after one short
+   prefill step, so the latency is mostly the HTTP path being measured). Added p50/p99.
+2. streaming: N concurrent chat streams (default 200) paced by the sim at 50 tokens/s,
+   each slot starting a new stream when its stream ends. Added time to first token
+   (p50/p99) and added inter-token delay (p99 of the gaps between token-bearing reads),
+   plus the proxy's CPU per 1k chunks/s and RSS growth per open stream.
+3. saturation, closed loop: C workers (default 64) each sending its next request when the
+   last one answered: requests/s direct, through nginx, through the proxy.
+
+    .venv/bin/python bench/overhead.py            # about 2 minutes
+    .venv/bin/python bench/overhead.py --quick    # a few-second smoke run
+    .venv/bin/python bench/overhead.py --streams 2000 --skip-nonstream --skip-saturation
+    .venv/bin/python bench/overhead.py --compare-tree /tmp/before   # before/after in one run
+    .venv/bin/python bench/overhead.py --profile /tmp/prof          # py-spy each proxy phase
+
+On a small machine the generator, the sim and the proxy share cores: the CPU columns say
+who was busy, and `other load` how much CPU processes outside the benchmark took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+import _loadgen  # noqa: E402
+from _common import (  # noqa: E402
+    ROOT,
+    Child,
+    Sampler,
+    Usage,
+    free_port,
+    load_average,
+    median,
+    percentile,
+    process_rss_bytes,
+    spread,
+    start_nginx,
+    start_proxy,
+    start_sim,
+)
+
+MS = 1000.0
+
+
+@dataclass
+class Rig:
+    workdir: Path
+    sim: Child
+    proxies: dict[str, Child]
+    """'proxy' (this tree), and 'baseline' with --compare-tree."""
+    nginx: Child | None
+    ports: dict[str, int]
+    gen: Any  # multiprocessing.Process
+    conn: Any  # its pipe
+    profile: str | None = None
+    profiles: list[str] = field(default_factory=list)
+
+    @property
+    def proxied(self) -> list[str]:
+        return list(self.proxies)
+
+    def base(self, target: str) -> str:
+        return f"http://127.0.0.1:{self.ports[target]}"
+
+    def pids(self) -> dict[str, int]:
+        pids = {"generator": self.gen.pid, "sim": self.sim.pid, "bench": os.getpid()}
+        pids.update((name, child.pid) for name, child in self.proxies.items())
+        if self.nginx is not None:
+            pids["nginx"] = self.nginx.pid
+        return pids
+
+    def run(self, job: str, target: str, label: str, **kwargs: Any) -> tuple[dict[str, Any], Usage]:
+        self.conn.send((job, {"base": self.base(target), **kwargs}))
+        kind, payload = self.conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"load generator failed in {label}: {payload}")
+        watch = (target,) if target in self.proxies else ()
+        sampler = Sampler(self.pids(), upstream_port=self.ports["direct"], watch=watch)
+        sampler.start()
+        spy = self._profile(label, self.proxies[target].pid) if target in self.proxies else None
+        kind, payload = self.conn.recv()
+        usage = sampler.stop()
+        if spy is not None:
+            spy.send_signal(2)  # SIGINT: py-spy writes what it has
+            spy.wait(30)
+        if kind == "error":
+            raise RuntimeError(f"load generator failed in {label}: {payload}")
+        return payload, usage
+
+    def _profile(self, label: str, pid: int) -> subprocess.Popen[bytes] | None:
+        if not self.profile:
+            return None
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        out = f"{self.profile}-{label}.txt"
+        self.profiles.append(out)
+        argv = [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--output", out, "--nonblocking"]
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/overhead.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="few-second smoke run (numbers are only indicative)")
+    p.add_argument("--rate", type=float, default=200.0, help="non-streaming open-loop rate, requests/s")
+    p.add_argument("--seconds", type=float, default=8.0, help="non-streaming phase length")
+    p.add_argument("--reps", type=int, default=3, help="repetitions of the non-streaming phases")
+    p.add_argument("--streams", type=int, default=200, help="concurrent streams")
+    p.add_argument("--stream-tokens", type=int, default=100, help="max_tokens of each stream")
+    p.add_argument("--stream-seconds", type=float, default=6.0)
+    p.add_argument("--stream-reps", type=int, default=2)
+    p.add_argument("--tokens-per-second", type=float, default=50.0, help="the sim's decode speed per stream")
+    p.add_argument("--concurrency", type=int, default=64, help="closed-loop workers at saturation")
+    p.add_argument("--sat-seconds", type=float, default=5.0)
+    p.add_argument("--sat-reps", type=int, default=2)
+    p.add_argument("--meter", choices=("scrape", "estimate"), default="scrape")
+    p.add_argument("--no-nginx", action="store_true", help="skip the nginx reference even when installed")
+    p.add_argument("--skip-nonstream", action="store_true")
+    p.add_argument("--skip-streams", action="store_true")
+    p.add_argument("--skip-saturation", action="store_true")
+    p.add_argument("--compare-tree", metavar="DIR", type=Path,
+                   help="also run the proxy from another source tree (DIR/proxy), e.g. a checkout before a change")
+    p.add_argument("--profile", metavar="PREFIX", help="py-spy record each proxy phase to PREFIX-<phase>.txt (collapsed stacks)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rate, args.seconds, args.reps = min(args.rate, 100.0), 1.5, 1
+        args.streams, args.stream_tokens, args.stream_seconds, args.stream_reps = min(args.streams, 20), 20, 1.5, 1
+        args.concurrency, args.sat_seconds, args.sat_reps = min(args.concurrency, 16), 1.5, 1
+    if args.compare_tree is not None and not (args.compare_tree / "proxy" / "__init__.py").is_file():
+        p.error(f"--compare-tree: {args.compare_tree}/proxy is not a package")
+    return args
+
+
+def setup(args: argparse.Namespace, workdir: Path) -> Rig:
+    ports = {"direct": free_port()}
+    sim = start_sim(workdir, ports["direct"], tokens_per_second=args.tokens_per_second)
+    proxies: dict[str, Child] = {}
+    nginx = None
+    try:
+        trees = [("proxy", ROOT)] + ([("baseline", args.compare_tree.resolve())] if args.compare_tree else [])
+        for name, tree in trees:
+            ports[name] = free_port()
+            proxies[name] = start_proxy(workdir, ports[name], free_port(), ports["direct"], meter=args.meter, name=name, tree=tree)
+        if not args.no_nginx and not args.skip_saturation:
+            ports["nginx"] = free_port()
+            nginx = start_nginx(workdir, ports["nginx"], ports["direct"])
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        gen = ctx.Process(target=_loadgen.serve, args=(child,), name="loadgen", daemon=True)
+        gen.start()
+    except BaseException:
+        for c in [nginx, *proxies.values(), sim]:
+            if c is not None:
+                c.stop()
+        raise
+    return Rig(workdir, sim, proxies, nginx, ports, gen, parent, profile=args.profile)
+
+
+def teardown(rig: Rig) -> None:
+    try:
+        rig.conn.send(None)
+        rig.gen.join(10)
+    except Exception:
+        pass
+    if rig.gen.is_alive():
+        rig.gen.terminate()
+    for child in [rig.nginx, *rig.proxies.values(), rig.sim]:
+        if child is not None:
+            child.stop()
+
+
+def order(targets: list[str], rep: int) -> list[str]:
+    """Alternate the order between repetitions, so drift hits every target alike."""
+    return targets if rep % 2 == 0 else list(reversed(targets))
+
+
+def cpu_cell(usages: list[Usage], rig: Rig, target: str) -> str:
+    """Median CPU (% of one core) of the generator, the sim and the target's own process."""
+    names = ["generator", "sim"] + ([target] if target in rig.pids() and target != "direct" else [])
+    return " / ".join(f"{median([u.cpu[n] for u in usages]):.0f}" for n in names)
+
+
+def other_load(usages: list[Usage]) -> str:
+    return spread([u.foreign_cores for u in usages])
+
+
+def added_table(
+    rig: Rig, per: dict[str, dict[str, list[float]]], added: dict[str, dict[str, list[float]]], rows: list[tuple[str, str, str]]
+) -> list[str]:
+    """Rows (label, key, fmt): a column per target, then 'added' per proxy for keys in `added`."""
+    targets = ["direct", *rig.proxied]
+    head = "| metric | " + " | ".join(_title(t) for t in targets)
+    head += "".join(f" | added by {_title(t)}" for t in rig.proxied) + " |"
+    lines = [head, "| --- |" + " ---: |" * (len(targets) + len(rig.proxied))]
+    for label, key, fmt in rows:
+        cells = [spread(per[t][key], fmt) for t in targets]
+        extra = [f"**{spread(added[t][key], '{:+' + fmt[2:])}**" if key in added[t] else "" for t in rig.proxied]
+        lines.append(f"| {label} | " + " | ".join(cells + extra) + " |")
+    return lines
+
+
+def _title(target: str) -> str:
+    return {"proxy": "proxy", "baseline": "baseline proxy", "direct": "direct"}.get(target, target)
+
+
+# -- phases ---------------------------------------------------------------------------------
+
+
+def nonstream(rig: Rig, args: argparse.Namespace) -> list[str]:
+    targets = ["direct", *rig.proxied]
+    keys = ("p50", "p90", "p99", "rate", "late99")
+    per = {t: {k: [] for k in keys} for t in targets}
+    added = {t: {"p50": [], "p90": [], "p99": []} for t in rig.proxied}
+    usages: dict[str, list[Usage]] = {t: [] for t in targets}
+    conns: dict[str, list[str]] = {t: [] for t in rig.proxied}
+    errors = 0
+    for rep in range(args.reps):
+        for target in order(targets, rep):
+            result, usage = rig.run("open_loop", target, f"nonstream-{target}-{rep}", rate=args.rate, seconds=args.seconds)
+            lat = result["latencies"]
+            errors += result["errors"]
+            for q in (50, 90, 99):
+                per[target][f"p{q}"].append(percentile(lat, q) * MS)
+            per[target]["rate"].append(len(lat) / result["elapsed"])
+            per[target]["late99"].append(percentile(result["late"], 99) * MS)
+            usages[target].append(usage)
+            if target in conns:
+                conns[target].append(f"{usage.opened[target]} opened/{usage.held[target]} held")
+        for t in rig.proxied:
+            for k in added[t]:
+                added[t][k].append(per[t][k][-1] - per["direct"][k][-1])
+    lines = [
+        f"### Non-streaming: open loop at {args.rate:g} req/s, {args.seconds:g} s x {args.reps} rep(s) per target",
+        "",
+        "Chat completions with max_tokens=1 (the sim answers after one short prefill step), started on a fixed "
+        "schedule whatever the answers do. Latency: request handed to the client to last body byte. "
+        "Values: median of repetitions (min..max).",
+        "",
+    ]
+    lines += added_table(rig, per, added, [
+        ("latency p50 (ms)", "p50", "{:.3f}"), ("latency p90 (ms)", "p90", "{:.3f}"), ("latency p99 (ms)", "p99", "{:.3f}"),
+        ("achieved req/s", "rate", "{:.0f}"), ("generator start lateness p99 (ms)", "late99", "{:.2f}"),
+    ])  # fmt: skip
+    lines += _usage_rows(rig, usages, targets)
+    lines += [
+        "",
+        f"Errors: {errors}. Upstream connections per phase ({int(args.rate * args.seconds)} requests each; "
+        "sampled every 0.1 s; one is the meter's /metrics scrape): "
+        + "; ".join(f"{_title(t)} {', '.join(conns[t])}" for t in rig.proxied) + ".",
+        "",
+    ]
+    return lines
+
+
+def _usage_rows(rig: Rig, usages: dict[str, list[Usage]], targets: list[str]) -> list[str]:
+    pad = " |" * (1 + len(rig.proxied))
+    return [
+        "| CPU % of a core: generator / sim / proxy | " + " | ".join(cpu_cell(usages[t], rig, t) for t in targets) + pad,
+        "| other load on the machine (cores) | " + " | ".join(other_load(usages[t]) for t in targets) + pad,
+    ]
+
+
+def streaming(rig: Rig, args: argparse.Namespace) -> list[str]:
+    targets = ["direct", *rig.proxied]
+    keys = ("ttft50", "ttft99", "gap50", "gap99", "chunks")
+    per = {t: {k: [] for k in keys} for t in targets}
+    added = {t: {"ttft50": [], "ttft99": [], "gap99": []} for t in rig.proxied}
+    per_kchunk: dict[str, list[float]] = {t: [] for t in rig.proxied}
+    rss_per_stream: dict[str, list[float]] = {t: [] for t in rig.proxied}
+    usages: dict[str, list[Usage]] = {t: [] for t in targets}
+    conns: dict[str, list[str]] = {t: [] for t in rig.proxied}
+    completed = {t: 0 for t in targets}
+    errors = 0
+    for rep in range(args.stream_reps):
+        for target in order(targets, rep):
+            rss_before = {t: process_rss_bytes(c.pid) for t, c in rig.proxies.items()}
+            result, usage = rig.run(
+                "streams", target, f"streams-{target}-{rep}", count=args.streams, seconds=args.stream_seconds,
+                max_tokens=args.stream_tokens,
+            )  # fmt: skip
+            errors += result["errors"]
+            completed[target] += result["completed"]
+            values = {
+                "ttft50": percentile(result["ttft"], 50) * MS,
+                "ttft99": percentile(result["ttft"], 99) * MS,
+                "gap50": percentile(result["gaps"], 50) * MS,
+                "gap99": percentile(result["gaps"], 99) * MS,
+                "chunks": result["chunks"] / usage.wall,
+            }
+            for k in keys:
+                per[target][k].append(values[k])
+            usages[target].append(usage)
+            if target in rig.proxies:
+                if values["chunks"] > 0:
+                    per_kchunk[target].append(usage.cpu[target] / (values["chunks"] / 1000.0))
+                rss_per_stream[target].append((usage.rss_peak.get(target, 0) - rss_before[target]) / args.streams / 1024.0)
+                conns[target].append(f"{usage.opened[target]} opened/{usage.held[target]} held")
+        for t in rig.proxied:
+            for k in added[t]:
+                added[t][k].append(per[t][k][-1] - per["direct"][k][-1])
+    step_ms = 1000.0 / args.tokens_per_second
+    lines: list[str] = [
+        f"### Streaming: {args.streams} concurrent streams at {args.tokens_per_second:g} tokens/s, "
+        f"{args.stream_seconds:g} s x {args.stream_reps} rep(s) per target",
+        "",
+        f"Chat streams of up to {args.stream_tokens} tokens; each slot starts a new stream when its stream ends. "
+        f"Time to first token is quantised by the sim's {step_ms:.0f} ms decode step, so its added value is noisier "
+        "than the inter-token one. Inter-token delay: gaps between token-bearing reads of one stream.",
+        "",
+    ]
+    lines += added_table(rig, per, added, [
+        ("time to first token p50 (ms)", "ttft50", "{:.2f}"), ("time to first token p99 (ms)", "ttft99", "{:.2f}"),
+        ("inter-token delay p50 (ms)", "gap50", "{:.2f}"), ("inter-token delay p99 (ms)", "gap99", "{:.2f}"),
+        ("token chunks/s received", "chunks", "{:.0f}"),
+    ])  # fmt: skip
+    lines += _usage_rows(rig, usages, targets)
+    pad = " |" * (1 + len(rig.proxied))
+    lines += [
+        "| proxy CPU per 1k chunks/s (% of a core) | | " + " | ".join(spread(per_kchunk[t], "{:.1f}") for t in rig.proxied) + pad,
+        "| proxy RSS growth per open stream (KB) | | " + " | ".join(spread(rss_per_stream[t], "{:.1f}") for t in rig.proxied) + pad,
+        "",
+        "Streams completed: " + ", ".join(f"{_title(t)} {completed[t]}" for t in targets) + f"; errors: {errors}. "
+        f"Upstream connections per phase ({args.streams} streams at a time): "
+        + "; ".join(f"{_title(t)} {', '.join(conns[t])}" for t in rig.proxied)
+        + ". RSS growth: peak during the phase minus before it (the first repetition is the cold figure; later ones "
+        "reuse memory the allocator kept).",
+        "",
+    ]
+    return lines
+
+
+def saturation(rig: Rig, args: argparse.Namespace) -> list[str]:
+    targets = ["direct", *rig.proxied] + (["nginx"] if rig.nginx is not None else [])
+    rates: dict[str, list[float]] = {t: [] for t in targets}
+    p50: dict[str, list[float]] = {t: [] for t in targets}
+    usages: dict[str, list[Usage]] = {t: [] for t in targets}
+    ratios: dict[str, dict[str, list[float]]] = {t: {"direct": [], "nginx": []} for t in rig.proxied}
+    errors = 0
+    for rep in range(args.sat_reps):
+        for target in order(targets, rep):
+            result, usage = rig.run("closed_loop", target, f"saturation-{target}-{rep}", concurrency=args.concurrency,
+                                    seconds=args.sat_seconds)  # fmt: skip
+            errors += result["errors"]
+            rates[target].append(len(result["latencies"]) / result["elapsed"])
+            p50[target].append(percentile(result["latencies"], 50) * MS)
+            usages[target].append(usage)
+        for t in rig.proxied:
+            for ref in ("direct", "nginx"):
+                if ref in rates:
+                    ratios[t][ref].append(100.0 * rates[t][-1] / rates[ref][-1])
+    lines = [
+        f"### Saturation: closed loop, {args.concurrency} workers, {args.sat_seconds:g} s x {args.sat_reps} rep(s) per target",
+        "",
+        "Non-streaming chat completions (max_tokens=1), each worker sending its next request when the last one "
+        "answered. CPU: % of one core during the phase.",
+        "",
+        "| target | requests/s | p50 latency (ms) | CPU generator / sim / target |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for t in targets:
+        lines.append(f"| {_title(t)} | {spread(rates[t], '{:.0f}')} | {spread(p50[t])} | {cpu_cell(usages[t], rig, t)} |")
+    lines.append("")
+    for t in rig.proxied:
+        text = f"{_title(t).capitalize()} peak = **{spread(ratios[t]['direct'], '{:.0f}')} %** of direct"
+        text += f", **{spread(ratios[t]['nginx'], '{:.0f}')} %** of nginx." if ratios[t]["nginx"] else " (nginx not installed: no reference)."
+        lines.append(text + "  ")
+    lines += [
+        f"Errors: {errors}. Other load on the machine: {other_load([u for t in targets for u in usages[t]])} cores.",
+        "",
+    ]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    load_before = load_average()
+    with tempfile.TemporaryDirectory(prefix="carbon-proxy-bench-") as tmp:
+        rig = setup(args, Path(tmp))
+        try:
+            import aiohttp
+
+            out = [
+                "## carbon-proxy overhead (bench/overhead.py)" + (" -- QUICK SMOKE RUN" if args.quick else ""),
+                "",
+                f"Machine: {os.cpu_count()} CPU(s), load average before {load_before}; Python {sys.version.split()[0]}, "
+                f"aiohttp {aiohttp.__version__}; proxy meter: {args.meter} (sim /metrics); receipts: :memory:; "
+                f"load generator: aiohttp + uvloop in its own process.",
+                "",
+            ]
+            if not args.skip_nonstream:
+                out += nonstream(rig, args)
+            if not args.skip_streams:
+                out += streaming(rig, args)
+            if not args.skip_saturation:
+                out += saturation(rig, args)
+            for name, child in rig.proxies.items():
+                if child.proc.poll() is not None:
+                    raise RuntimeError(f"the {name} proxy exited during the run:\n" + child.log_tail())
+        except BaseException:
+            for child in [*rig.proxies.values(), rig.sim]:
+                sys.stderr.write(f"--- {child.name} log ---\n{child.log_tail()}\n")
+            raise
+        finally:
+            teardown(rig)
+    out.append(f"Run took {time.perf_counter() - started:.0f} s; load average after {load_average()}.")
+    if rig.profiles:
+        out.append("py-spy profiles (collapsed stacks): " + ", ".join(rig.profiles))
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
