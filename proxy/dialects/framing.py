@@ -73,22 +73,29 @@ class SseReader(ResponseReader):
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         buf = self._pending + chunk if self._pending else chunk
-        cut = _last_boundary(buf)
+        # Servers write whole events: a read that ends on a boundary needs no search.
+        cut = len(buf) if buf.endswith(_LF2) else _last_boundary(buf)
         if cut == 0:
             self._pending = buf
             return b""
         if cut == len(buf):
-            ready, self._pending = buf, b""
+            ready = buf
+            if self._pending:
+                self._pending = b""
         else:
             ready, self._pending = buf[:cut], buf[cut:]
         for marker in self.slow_markers:
             if marker in ready:
-                return self._slow(ready, now)
+                return self._marked(ready, now)
         count = ready.count(b"data:")
         if count:
             self.work.streamed_tokens += count
             self.tick(count, now)
         return ready
+
+    def _marked(self, ready: bytes, now: float) -> bytes:
+        """Complete events where a slow marker appears (subclasses may shortcut)."""
+        return self._slow(ready, now)
 
     def _slow(self, ready: bytes, now: float) -> bytes:
         out = [self.on_event(event, now) for event in split_events(ready)]

@@ -24,6 +24,9 @@ from proxy.dialects.framing import SseReader, event_data
 
 _USAGE = b'"usage":'
 _NULL_USAGE_VARIANTS = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
+_NULL_USAGE = _NULL_USAGE_VARIANTS[0]
+_NULL_USAGE_END = b',"usage":null}\n\n'
+"""How vLLM and most servers end every chunk once usage was asked for (compact JSON)."""
 
 # Endpoints whose streams carry tokens. Other paths (models list, files...) are generic.
 _GENERATION_PATHS = ("/chat/completions", "/completions")
@@ -37,11 +40,36 @@ def _strip_null_usage(data: bytes) -> bytes:
 
 
 class OpenAISseReader(SseReader):
-    slow_markers = (b"[DONE]", _USAGE)
+    slow_markers = (_USAGE, b"[DONE]")  # the common marker first: one scan per chunk
 
     def __init__(self, info: RequestInfo, tick: TokenTick) -> None:
         super().__init__(info, tick)
         self._usage_chunk: dict[str, Any] | None = None
+
+    def _marked(self, ready: bytes, now: float) -> bytes:
+        # Fast path for the chunks every stream is made of once the proxy asked for usage:
+        # n events, each a single line `data:...,"usage":null}` and a blank line, with no
+        # other "usage" or "data:" in them. on_event would take each for a token that only
+        # carries usage:null (and strip it if the client did not ask for usage); this
+        # does the same in a few scans of the bytes.
+        if ready.endswith(_NULL_USAGE_END) and ready.startswith(b"data:"):
+            if ready.find(b"\n") == len(ready) - 2:
+                n = 1  # one event: its terminator holds the only newlines
+            else:
+                n = ready.count(_NULL_USAGE_END)
+                if ready.count(b"\n") != 2 * n or ready.count(b"\n\ndata:") != n - 1:
+                    return self._slow(ready, now)
+            if ready.count(b'"usage"') == n and ready.count(b"data:") == n:
+                if not self.info.client_wants_usage:
+                    out = ready.replace(_NULL_USAGE, b"")
+                elif b"\\u" not in ready:  # no escaped key could hide a second "usage" from the count
+                    out = ready
+                else:
+                    return self._slow(ready, now)
+                self.work.streamed_tokens += n
+                self.tick(n, now)
+                return out
+        return self._slow(ready, now)
 
     def on_event(self, event: bytes, now: float) -> bytes | None:
         data = event_data(event)
