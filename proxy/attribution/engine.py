@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 from proxy.attribution.learning import IdlePowerLearner, WorkCostLearner
-from proxy.attribution.prefill import PrefillProgress
+from proxy.attribution.prefill import PrefillProgress, ProgressSpan
 from proxy.attribution.split import known_work, presence_shares, split_dynamic, split_priced
 from proxy.attribution.timing import PaceLearner
 from proxy.attribution.usage import RequestUsage
@@ -36,6 +36,8 @@ DEFAULT_PREFILL_TOKENS_PER_SECOND = 5000.0
 """Until learned from streams: how long a prompt of n tokens takes to prefill."""
 DEFAULT_DECODE_SECONDS_PER_TOKEN = 0.03
 """Until learned from streams: a decoding sequence's time per output token."""
+DEFAULT_FASTEST_DECODE_SECONDS_PER_TOKEN = 0.01
+"""Until learned from streams: a sequence decodes no faster than this (100 tokens/s)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -48,7 +50,7 @@ class _Interval:
     presence: array  # seconds present, per member
     binned: array  # output tokens seen in the interval, per member (streams)
     estimates: array  # dynamic joules credited as estimates, per member
-    progress: tuple[float, float]  # the group's prefill progress at t0 and t1
+    progress: ProgressSpan  # the group's prefill progress at t0 and t1
     uncovered: int = 0
     """Members not yet closed and covered by a sample; the interval settles at 0."""
 
@@ -254,16 +256,20 @@ class AttributionEngine:
 
     def _prefill_progress(
         self, group: _Group, t0: float, t1: float, members: list[RequestUsage], dynamic_joules: float
-    ) -> tuple[float, float]:
+    ) -> ProgressSpan:
         """Advance the group's prefill progress over [t0, t1]: requests that showed their
         prefill done jump it, the energy not drawn by decoding measures the rest."""
         prefill = group.prefill
-        for usage in prefill.first_tokens():
-            if usage.first_token_at <= t1:  # type: ignore[operator]
-                prefill.done_by(usage, usage.first_token_at)  # type: ignore[arg-type]
+        for usage in prefill.waiting():
+            if usage.first_token_at is not None and usage.first_token_at <= t1:
+                prefill.done_by(usage, usage.first_token_at)
+        fastest = group.pace.pace().fastest_decode_seconds_per_token or DEFAULT_FASTEST_DECODE_SECONDS_PER_TOKEN
         for usage in group.closed_since_sample:
-            if usage.closed_at <= t1:  # type: ignore[operator]
-                prefill.done_by(usage, usage.closed_at)  # type: ignore[arg-type]
+            end = usage.closed_at
+            if end is not None and end <= t1 and usage.prefill_done_at is None:
+                # A request that made n output tokens was done prefilling some n steps before its end.
+                decoded = 0.0 if usage.streaming else (usage.output_tokens or 0) * fastest
+                prefill.done_by(usage, max(usage.opened_at, end - decoded))
         costs = group.cost.costs()
         if costs is None or costs.prompt_joules_per_token <= 0:
             processed = group.pace.pace().prefill_tokens_per_second * (t1 - t0)
@@ -289,7 +295,7 @@ class AttributionEngine:
         rows: list[tuple[float, float, float]] = []
         prompt_total = output_total = sequence_seconds = decode_seconds = 0.0
         for usage, binned in zip(interval.members, interval.binned):
-            row = known_work(usage, interval.t0, interval.t1, binned, pace, interval.progress)
+            row = known_work(usage, interval.t0, interval.t1, binned, pace, (interval.progress.start, interval.progress.end))
             rows.append(row)
             prompt, output, decoding = row
             prompt_total += prompt
@@ -402,6 +408,10 @@ class AttributionEngine:
     def prefill_weight(self) -> float:
         """The latest interval's prefill weight, the largest over groups (one gauge)."""
         return max((g.cost.prefill_weight for g in self._groups.values()), default=DEFAULT_PREFILL_WEIGHT)
+
+    def costs_learned(self, group: str) -> bool:
+        """Whether the group's cost model is fitted (else the prefill weight rules)."""
+        return self._groups[group].cost.costs() is not None
 
     def in_flight(self, group: str) -> int:
         return len(self._groups[group].open)

@@ -114,8 +114,8 @@ class WorkCostLearner:
         self,
         fixed_prefill_weight: float | None,
         default_prefill_weight: float,
-        forgetting: float = 0.99,
-        min_observations: int = 10,
+        forgetting: float = 0.95,
+        min_observations: int = 4,
         block_seconds: float = BLOCK_SECONDS,
     ) -> None:
         """forgetting is per block (0.99: about the last 100 blocks count);

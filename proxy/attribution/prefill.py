@@ -2,32 +2,52 @@
 
 A non-streamed request shows only its start and end, yet its prefill is most of its
 energy when prompts are long, and it can wait in a queue for seconds first. Servers
-prefill prompts first come, first served (vLLM, TGI, llama.cpp schedule FCFS), so the
-group's prefill *progress* (prompt tokens processed so far) tells where each request's
-prefill was: while progress passes through the request's slice of the cumulative
-arrived prompt tokens.
+prefill prompts first come, first served (vLLM, TGI, llama.cpp all schedule FCFS), so
+the group's prefill *progress* (prompt tokens processed so far) tells where each
+request's prefill was: while progress passes through the request's slice of the
+cumulative arrived prompt tokens.
 
 Progress is measured, not assumed: each interval adds its dynamic energy less what the
 decoding batch drew, over the learned joules per prompt token (until those are learned,
-it advances at the learned prefill pace). It never passes what has arrived, and it jumps
-forward when a request shows that its prefill is done: a stream's first token, or any
-request's end. Cost: O(1) per request and per interval, plus the requests it passes.
+it advances at the learned prefill pace). It never passes what has arrived. When a
+request shows that its prefill is done (a stream's first token; a request's end, less
+its decoding) and progress has not got there, progress was behind: the missing tokens
+are spread back over the intervals since the oldest waiting prompt arrived (still
+unsettled, as that request is in all of them), where the energy that processed them was
+drawn, instead of all landing at the moment we found out. Cost: O(1) per request and per
+interval, plus the intervals a correction spreads over.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from proxy.attribution.usage import RequestUsage
+
+HISTORY_SPANS = 600
+"""Intervals a correction may reach back over (a minute at 10 Hz)."""
+
+
+@dataclass(slots=True, eq=False)
+class ProgressSpan:
+    """The group's prefill progress (cumulative prompt tokens) over one interval."""
+
+    t0: float
+    t1: float
+    start: float
+    end: float
 
 
 class PrefillProgress:
     def __init__(self) -> None:
         self.arrived_tokens = 0.0
         self.progress_tokens = 0.0
-        """Now, jumps included."""
+        """Now, corrections since the last sample included."""
         self.progress_at_sample = 0.0
+        self.last_sample_t: float | None = None
         self._waiting: deque[RequestUsage] = deque()  # prefill not done, in arrival order
+        self._history: deque[ProgressSpan] = deque(maxlen=HISTORY_SPANS)
 
     def enqueue(self, usage: RequestUsage) -> None:
         """A request arrived: its prompt joins the back of the queue."""
@@ -39,39 +59,72 @@ class PrefillProgress:
         else:
             self._waiting.append(usage)
 
+    def waiting(self) -> list[RequestUsage]:
+        """Requests whose prefill is not known to be done, in arrival order."""
+        return [u for u in self._waiting if u.prefill_done_at is None]
+
     def done_by(self, usage: RequestUsage, at: float) -> None:
-        """The request's prefill has finished by `at` (first token, or its end); so has
-        every prefill queued before it."""
+        """The request's prefill had finished by `at`; so had every prefill queued before it."""
         if usage.prefill_done_at is not None:
             return
-        self.progress_tokens = max(self.progress_tokens, usage.queue_to_tokens)
+        behind = usage.queue_to_tokens - self.progress_tokens
+        if behind > 0:
+            self._catch_up(behind, at)
+        self._pop_done(at)
+        usage.prefill_done_at = at
+
+    def advance(self, t0: float, t1: float, processed_tokens: float) -> ProgressSpan:
+        """The interval [t0, t1] processed this many prompt tokens (measured)."""
+        start = self.progress_at_sample
+        # A correction is a fact; what has arrived caps only the measured part.
+        end = max(self.progress_tokens, min(self.arrived_tokens, start + max(0.0, processed_tokens)))
+        span = ProgressSpan(t0, t1, start, end)
+        self._history.append(span)
+        self.progress_tokens = self.progress_at_sample = end
+        self.last_sample_t = t1
+        self._pop_done(t1)
+        if not self._waiting:
+            self._history.clear()  # the next correction starts after the next arrival
+        return span
+
+    def _catch_up(self, tokens: float, at: float) -> None:
+        """Progress was `tokens` behind at `at`: spread them, growing linearly, from when
+        the oldest waiting prompt arrived."""
+        head = next((u for u in self._waiting if u.prefill_done_at is None), None)
+        since = min(head.opened_at if head is not None else at, at)
+
+        def added(t: float) -> float:
+            if at <= since:
+                return tokens if t >= at else 0.0
+            return tokens * min(1.0, max(0.0, (t - since) / (at - since)))
+
+        for span in self._history:
+            if span.t1 > since:
+                span.start += added(span.t0)
+                span.end += added(span.t1)
+        if self.last_sample_t is not None:
+            self.progress_at_sample += added(self.last_sample_t)
+        self.progress_tokens += tokens
+
+    def _pop_done(self, now: float) -> None:
         waiting = self._waiting
         while waiting and (waiting[0].queue_to_tokens <= self.progress_tokens or waiting[0].prefill_done_at is not None):
             head = waiting.popleft()
             if head.prefill_done_at is None:
-                head.prefill_done_at = max(head.opened_at, at)
-        usage.prefill_done_at = at
+                head.prefill_done_at = max(head.opened_at, self._time_at(head.queue_to_tokens, now))
 
-    def first_tokens(self) -> list[RequestUsage]:
-        """Queued streams that showed their first token since the last sample."""
-        return [u for u in self._waiting if u.first_token_at is not None and u.prefill_done_at is None]
-
-    def advance(self, t0: float, t1: float, processed_tokens: float) -> tuple[float, float]:
-        """The interval [t0, t1] processed this many prompt tokens (measured). Returns
-        the progress at t0 and at t1, jumps within the interval included."""
-        start = self.progress_at_sample
-        # A jump is a fact; what has arrived caps only the measured part.
-        end = max(self.progress_tokens, min(self.arrived_tokens, start + max(0.0, processed_tokens)))
-        waiting = self._waiting
-        span = end - start
-        while waiting and (waiting[0].queue_to_tokens <= end or waiting[0].prefill_done_at is not None):
-            head = waiting.popleft()
-            if head.prefill_done_at is None:
-                # Progress is even within the interval: when it passed the end of the slice.
-                fraction = (head.queue_to_tokens - start) / span if span > 0 else 1.0
-                head.prefill_done_at = max(head.opened_at, t0 + (t1 - t0) * min(1.0, max(0.0, fraction)))
-        self.progress_tokens = self.progress_at_sample = end
-        return start, end
+    def _time_at(self, tokens: float, now: float) -> float:
+        """When progress reached `tokens`: within the interval that holds it, evenly."""
+        for span in reversed(self._history):
+            if span.start < tokens <= span.end:
+                return span.t0 + (span.t1 - span.t0) * (tokens - span.start) / (span.end - span.start)
+            if span.end < tokens:
+                break
+        last = self.last_sample_t
+        if last is not None and self.progress_tokens > self.progress_at_sample and tokens > self.progress_at_sample:
+            fraction = (tokens - self.progress_at_sample) / (self.progress_tokens - self.progress_at_sample)
+            return last + (now - last) * min(1.0, fraction) if now > last else now
+        return now
 
 
 def queued_prompt_in(usage: RequestUsage, progress_from: float, progress_to: float, prompt_tokens: float) -> float:

@@ -6,7 +6,8 @@ latter's work in time, and a stream's prefill inside its time to first token (wh
 holds the time it queued), the engine learns two paces from streams:
 - prefill throughput, prompt tokens per second: a high percentile of prompt tokens over
   time to first token, because the fastest first tokens are the ones that did not queue;
-- decode time per output token: the median of streams' mean gap between tokens.
+- decode time per output token: the median (and a low percentile) of streams' mean gap
+  between tokens.
 Until enough streams were seen, the configured defaults stand in.
 """
 
@@ -16,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 PREFILL_PERCENTILE = 0.9
+FAST_DECODE_PERCENTILE = 0.1
 MIN_STREAMS = 20
 
 
@@ -23,7 +25,10 @@ MIN_STREAMS = 20
 class Pace:
     prefill_tokens_per_second: float
     decode_seconds_per_token: float | None
-    """None while unknown: a non-streamed request's decode then fills what prefill leaves."""
+    """Typical (median) time per output token of a decoding sequence; None while unknown."""
+    fastest_decode_seconds_per_token: float | None
+    """A low percentile of the same: a request with n output tokens decoded for at least
+    about n times this before its end."""
 
 
 class PaceLearner:
@@ -51,9 +56,10 @@ class PaceLearner:
             if len(self._prefill_rates) >= MIN_STREAMS:
                 ordered = sorted(self._prefill_rates)
                 prefill = ordered[int(PREFILL_PERCENTILE * (len(ordered) - 1))]
-            gap = None
+            gap = fastest = None
             if len(self._token_gaps) >= MIN_STREAMS:
                 ordered = sorted(self._token_gaps)
                 gap = ordered[len(ordered) // 2]
-            self._cached = Pace(prefill, gap)
+                fastest = ordered[int(FAST_DECODE_PERCENTILE * (len(ordered) - 1))]
+            self._cached = Pace(prefill, gap, fastest)
         return self._cached
