@@ -16,6 +16,7 @@ from typing import AsyncIterator, Mapping, Protocol
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.streams import EofStream
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -71,16 +72,36 @@ class _Watchdog:
 
     def __init__(self, timeout_seconds: float, on_expire: "asyncio.Future[None] | None" = None) -> None:
         self._loop = asyncio.get_running_loop()
+        self.clock = self._loop.time
         self._timeout = timeout_seconds
         self.last = self._loop.time()
         self.expired = False
         self._response: aiohttp.ClientResponse | None = None
+        self._closed: "asyncio.Future[None] | None" = None
         self._handle = self._loop.call_at(self.last + timeout_seconds, self._check)
 
     def watch(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
+        # aiohttp's C parser drops the payload of a body it cannot parse (a garbage chunk
+        # header): the read would then wait for the idle timeout although the upstream
+        # connection is gone. End it when the connection closes.
+        connection = response.connection
+        protocol = connection.protocol if connection is not None else None
+        if protocol is not None:
+            closed = protocol.closed
+            if closed is None:  # already lost
+                self._connection_closed(None)
+            else:
+                self._closed = closed
+                closed.add_done_callback(self._connection_closed)
+
+    def _connection_closed(self, _: object) -> None:
+        response = self._response
+        if response is not None and not response.content.is_eof():
+            response.content.set_exception(aiohttp.ClientPayloadError("upstream connection closed mid-response"))
 
     def touch(self) -> None:
+        """A chunk arrived (hot loops may store `last = clock()` themselves)."""
         self.last = self._loop.time()
 
     def _check(self) -> None:
@@ -94,6 +115,9 @@ class _Watchdog:
 
     def cancel(self) -> None:
         self._handle.cancel()
+        if self._closed is not None:  # pooled connections outlive the request
+            self._closed.remove_done_callback(self._connection_closed)
+            self._closed = None
 
 
 class Forwarder:
@@ -102,6 +126,19 @@ class Forwarder:
     def __init__(self, *, max_buffer_bytes: int) -> None:
         self._max_buffer_bytes = max_buffer_bytes
         self._session: aiohttp.ClientSession | None = None
+        self._client_timeouts: dict[int, tuple[Timeouts, aiohttp.ClientTimeout]] = {}
+
+    def _client_timeout(self, timeouts: Timeouts) -> aiohttp.ClientTimeout:
+        """One ClientTimeout per upstream's settings, not one per request (keyed by
+        identity: hashing the dataclass costs more than building the timeout)."""
+        cached = self._client_timeouts.get(id(timeouts))
+        if cached is not None and cached[0] is timeouts:
+            return cached[1]
+        timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect_seconds, sock_connect=timeouts.connect_seconds)
+        if len(self._client_timeouts) > 1024:  # upstreams are few; never grow without bound
+            self._client_timeouts.clear()
+        self._client_timeouts[id(timeouts)] = (timeouts, timeout)
+        return timeout
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, enable_cleanup_closed=True)
@@ -126,7 +163,7 @@ class Forwarder:
         extra_headers: Mapping[str, str],
     ) -> web.StreamResponse:
         assert self._session is not None, "Forwarder.start() was not awaited"
-        timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect_seconds, sock_connect=timeouts.connect_seconds)
+        timeout = self._client_timeout(timeouts)
         upstream: aiohttp.ClientResponse | None = None
         try:
             try:
@@ -166,6 +203,14 @@ class Forwarder:
         exchange: Exchange,
         extra_headers: Mapping[str, str],
     ) -> web.StreamResponse:
+        content = upstream.content
+        if content.is_eof() and content.exception() is None:
+            # The whole body came with the headers (small answers do): nothing can stall,
+            # so no idle watchdog (a timer per request) is needed to read it.
+            body = content.read_nowait()
+            if len(body) > self._max_buffer_bytes:
+                return await self._streamed(request, upstream, timeouts, exchange, extra_headers, prefix=body)
+            return await self._send_buffered(upstream, body, exchange, extra_headers)
         parts: list[bytes] = []
         size = 0
         watchdog = _Watchdog(timeouts.idle_seconds)
@@ -184,7 +229,12 @@ class Forwarder:
             raise UpstreamError(502, "upstream_error", "upstream closed the connection mid-response")
         finally:
             watchdog.cancel()
-        body = b"".join(parts)
+        return await self._send_buffered(upstream, b"".join(parts), exchange, extra_headers)
+
+    @staticmethod
+    async def _send_buffered(
+        upstream: aiohttp.ClientResponse, body: bytes, exchange: Exchange, extra_headers: Mapping[str, str]
+    ) -> web.StreamResponse:
         figures = await exchange.complete(body)
         headers = client_response_headers(upstream.headers, reframed=True)
         headers.update(extra_headers)
@@ -209,15 +259,26 @@ class Forwarder:
         await response.prepare(request)
         watchdog = _Watchdog(timeouts.idle_seconds)
         watchdog.watch(upstream)
+        # Per chunk (the hot loop of every stream): bound methods, no iterator object in
+        # between (readany is what iter_any calls), and the watchdog stamp inlined.
         feed = exchange.feed
+        write = response.write
+        read = upstream.content.readany
+        clock = watchdog.clock
         try:
             if prefix:
-                await response.write(feed(prefix))
-            async for chunk in upstream.content.iter_any():
-                watchdog.touch()
+                await write(feed(prefix))
+            while True:
+                try:
+                    chunk = await read()
+                except EofStream:
+                    break
+                if not chunk:
+                    break
+                watchdog.last = clock()
                 out = feed(chunk)
                 if out:
-                    await response.write(out)
+                    await write(out)
         except aiohttp.ClientError:
             # Headers are gone already: cut the connection so the client sees a broken
             # stream rather than a clean end that would pass for a complete answer.
