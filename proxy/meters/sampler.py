@@ -46,6 +46,11 @@ class Sampler:
         self._task: asyncio.Task[None] | None = None
         self._last: EnergySample | None = None
 
+    @property
+    def last_sample(self) -> EnergySample | None:
+        """The latest good reading (per-device joules and power), for metrics; read-only."""
+        return self._last
+
     def basis(self) -> str:
         """The `meter=...` part of X-Emissions-Basis, with a flag when the figures are doubtful."""
         text = f"meter={self.meter.kind}"
