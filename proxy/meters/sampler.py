@@ -44,6 +44,7 @@ class Sampler:
         self._read_timeout = max(1.0, 5 * interval_seconds)
         self.health = MeterHealth()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self._last: EnergySample | None = None
 
     @property
@@ -69,6 +70,7 @@ class Sampler:
         self._task = asyncio.create_task(self._run(), name="meter-sampler")
 
     async def close(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -79,7 +81,7 @@ class Sampler:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
-        while True:
+        while not self._closed:
             next_at += self._interval
             delay = next_at - loop.time()
             if delay < 0:  # fell behind (a slow read): skip ahead rather than burst
@@ -91,7 +93,10 @@ class Sampler:
     async def sample_once(self) -> None:
         started = time.monotonic()
         try:
-            sample = await asyncio.wait_for(self.meter.read(), self._read_timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancel of
+            # close() when the read completes at the same moment (CPython gh-86296).
+            async with asyncio.timeout(self._read_timeout):
+                sample = await self.meter.read()
             self._check(sample)
         except asyncio.CancelledError:
             raise
