@@ -75,9 +75,13 @@ class Proxy:
         assert self.service.proxy.accountant is not None
         return self.service.proxy.accountant.engine
 
+    closed: bool = False
+
     async def close(self) -> None:
-        await self.session.close()
-        await self.service.stop()
+        if not self.closed:
+            self.closed = True
+            await self.session.close()
+            await self.service.stop()
 
 
 async def start(
