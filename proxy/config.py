@@ -206,7 +206,7 @@ def _upstream(key: str, table: dict[str, Any], default_timeouts: Timeouts) -> Up
         routes=routes,
         models=_string_list(f"{key}.models", table.get("models", [])),
         devices=_string_list(f"{key}.devices", table.get("devices", [])),
-        pue=None if pue is None else _number(f"{key}.pue", pue, minimum=1.0),
+        pue=None if pue is None else resolve_pue(pue, key=f"{key}.pue")[0],
         device_model=device_model,
         timeouts=timeouts,
     )

