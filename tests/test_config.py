@@ -62,7 +62,7 @@ def test_design_example_loads(tmp_path) -> None:
         ({"upstreams": [{"name": "a"}]}, "upstreams[0].url", "missing"),
         ({"upstreams": [{"url": "ftp://x"}]}, "upstreams[0].url", "http://"),
         ({"upstreams": [{"url": "http://x", "routes": ["v1"]}]}, "upstreams[0].routes", "starting with '/'"),
-        ({"upstreams": [{"url": "http://x", "pue": 0.9}]}, "upstreams[0].pue", "at least 1"),
+        ({"upstreams": [{"url": "http://x", "pue": 0.9}]}, "upstreams[0].pue", "must be >= 1"),
         ({"upstreams": [{"url": "http://x", "colour": 1}]}, "upstreams[0].colour", "unknown key"),
         ({"upstreams": [{"url": "http://x"}], "server": {"listen": "nope"}}, "server.listen", "HOST:PORT"),
         ({"upstreams": [{"url": "http://x"}], "meter": {"kind": "geiger"}}, "meter.kind", "unknown meter"),
