@@ -122,11 +122,15 @@ def python_env(tree: Path = ROOT) -> dict[str, str]:
     return env
 
 
-def start_sim(workdir: Path, port: int, *, tokens_per_second: float = 50.0) -> Child:
+def start_sim(workdir: Path, port: int, *, tokens_per_second: float = 50.0, natural_tokens: int | None = None) -> Child:
+    """The sim model server. `natural_tokens`: the length every reply wants, so that
+    max_tokens alone decides how long a stream runs (the sim's default is 16..128)."""
     argv = [
         sys.executable, "-m", "proxy.sim", "--port", str(port), "--tokens-per-second", f"{tokens_per_second:g}",
         "--max-batch", "4096", "--prefill-seconds-per-token", "0.00001",
     ]  # fmt: skip
+    if natural_tokens is not None:
+        argv += ["--natural-tokens-min", str(natural_tokens), "--natural-tokens-max", str(natural_tokens)]
     child = spawn("sim", argv, workdir, python_env())
     wait_http(f"http://127.0.0.1:{port}/health", proc=child.proc)
     return child

@@ -3,7 +3,8 @@ pooled keep-alive connector per job, so it never shares a loop with what it meas
 
 The orchestrator starts `serve(conn)` in a child process and sends jobs over the pipe:
 ("open_loop" | "streams" | "closed_loop", {kwargs}); the child answers ("started", t)
-when the measured window opens (warm-up done) and then ("done", result dict).
+when the measured window opens (warm-up done), for streams ("all_open", t) once every
+slot has its first stream running, and then ("done", result dict).
 Times are time.perf_counter() seconds; latencies in the result are in seconds.
 """
 
@@ -117,10 +118,12 @@ async def streams(
         start = time.perf_counter()
         deadline = start + seconds
         conn.send(("started", start))
+        first_streams_open = 0
 
         async def slot(index: int) -> None:
-            nonlocal chunks, errors, completed
+            nonlocal chunks, errors, completed, first_streams_open
             await asyncio.sleep(stagger_seconds * index / count)
+            first = True
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
                 last = None
@@ -137,6 +140,11 @@ async def streams(
                             now = time.perf_counter()
                             if last is None:
                                 ttft.append(now - t0)
+                                if first:
+                                    first = False
+                                    first_streams_open += 1
+                                    if first_streams_open == count:  # every slot streams now
+                                        conn.send(("all_open", now))
                             else:
                                 local_gaps.append(now - last)
                             last = now

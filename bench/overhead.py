@@ -1,11 +1,13 @@
 """Proxy overhead: the same load against the sim model server directly and through the
 proxy, in one run (DESIGN.md section 9), printed as Markdown tables.
 
-Processes (each its own event loop): the sim model server (`python -m proxy.sim`), the
-proxy (`python -m proxy serve`, scrape meter on the sim's DCGM-format /metrics, receipts
-in memory), nginx as a reference reverse proxy when installed (one worker, keep-alive
-upstream pool), and the load generator (bench/_loadgen.py: aiohttp client, pooled
-keep-alive connector, uvloop). This process only orchestrates and samples /proc.
+Processes (each its own event loop): the sim model server (`python -m proxy.sim
+--tokens-per-second 50 --max-batch 4096 --prefill-seconds-per-token 0.00001`, replies as
+long as max_tokens asks), the proxy (`python -m proxy serve`, scrape meter on the sim's
+DCGM-format /metrics, receipts in memory), nginx as a reference reverse proxy when
+installed (one worker, keep-alive upstream pool), and the load generator
+(bench/_loadgen.py: aiohttp client, pooled keep-alive connector, uvloop). This process
+only orchestrates and samples /proc.
 
 Phases, direct and proxy alternating within each repetition (so drift and other load on
 the machine hit both alike):
@@ -16,7 +18,7 @@ the machine hit both alike):
 2. streaming: N concurrent chat streams (default 200) paced by the sim at 50 tokens/s,
    each slot starting a new stream when its stream ends. Added time to first token
    (p50/p99) and added inter-token delay (p99 of the gaps between token-bearing reads),
-   plus the proxy's CPU per 1k chunks/s and RSS growth per open stream.
+   plus the proxy's CPU per 1k chunks/s and RSS per open stream.
 3. saturation, closed loop: C workers (default 64) each sending its next request when the
    last one answered: requests/s direct, through nginx, through the proxy.
 
@@ -95,6 +97,8 @@ class Rig:
         return pids
 
     def run(self, job: str, target: str, label: str, **kwargs: Any) -> tuple[dict[str, Any], Usage]:
+        """One job of the load generator; CPU, RSS and connections sampled while it measures.
+        `payload["rss_all_open"]`: RSS of each proxy when every stream slot was streaming."""
         self.conn.send((job, {"base": self.base(target), **kwargs}))
         kind, payload = self.conn.recv()
         if kind == "error":
@@ -103,13 +107,18 @@ class Rig:
         sampler = Sampler(self.pids(), upstream_port=self.ports["direct"], watch=watch)
         sampler.start()
         spy = self._profile(label, self.proxies[target].pid) if target in self.proxies else None
+        rss_all_open: dict[str, int] = {}
         kind, payload = self.conn.recv()
+        if kind == "all_open":
+            rss_all_open = {name: process_rss_bytes(child.pid) for name, child in self.proxies.items()}
+            kind, payload = self.conn.recv()
         usage = sampler.stop()
         if spy is not None:
             spy.send_signal(2)  # SIGINT: py-spy writes what it has
             spy.wait(30)
         if kind == "error":
             raise RuntimeError(f"load generator failed in {label}: {payload}")
+        payload["rss_all_open"] = rss_all_open
         return payload, usage
 
     def _profile(self, label: str, pid: int) -> subprocess.Popen[bytes] | None:
@@ -156,7 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def setup(args: argparse.Namespace, workdir: Path) -> Rig:
     ports = {"direct": free_port()}
-    sim = start_sim(workdir, ports["direct"], tokens_per_second=args.tokens_per_second)
+    # Replies as long as max_tokens asks: every stream runs its full length, so N are open at once.
+    sim = start_sim(workdir, ports["direct"], tokens_per_second=args.tokens_per_second, natural_tokens=100_000)
     proxies: dict[str, Child] = {}
     nginx = None
     try:
@@ -316,7 +326,8 @@ def streaming(rig: Rig, args: argparse.Namespace) -> list[str]:
             if target in rig.proxies:
                 if values["chunks"] > 0:
                     per_kchunk[target].append(usage.cpu[target] / (values["chunks"] / 1000.0))
-                rss_per_stream[target].append((usage.rss_peak.get(target, 0) - rss_before[target]) / args.streams / 1024.0)
+                if target in result["rss_all_open"]:
+                    rss_per_stream[target].append((result["rss_all_open"][target] - rss_before[target]) / args.streams / 1024.0)
                 conns[target].append(f"{usage.opened[target]} opened/{usage.held[target]} held")
         for t in rig.proxied:
             for k in added[t]:
@@ -326,7 +337,7 @@ def streaming(rig: Rig, args: argparse.Namespace) -> list[str]:
         f"### Streaming: {args.streams} concurrent streams at {args.tokens_per_second:g} tokens/s, "
         f"{args.stream_seconds:g} s x {args.stream_reps} rep(s) per target",
         "",
-        f"Chat streams of up to {args.stream_tokens} tokens; each slot starts a new stream when its stream ends. "
+        f"Chat streams of {args.stream_tokens} tokens each; each slot starts a new stream when its stream ends. "
         f"Time to first token is quantised by the sim's {step_ms:.0f} ms decode step, so its added value is noisier "
         "than the inter-token one. Inter-token delay: gaps between token-bearing reads of one stream.",
         "",
@@ -340,13 +351,14 @@ def streaming(rig: Rig, args: argparse.Namespace) -> list[str]:
     pad = " |" * (1 + len(rig.proxied))
     lines += [
         "| proxy CPU per 1k chunks/s (% of a core) | | " + " | ".join(spread(per_kchunk[t], "{:.1f}") for t in rig.proxied) + pad,
-        "| proxy RSS growth per open stream (KB) | | " + " | ".join(spread(rss_per_stream[t], "{:.1f}") for t in rig.proxied) + pad,
+        "| proxy RSS per open stream (KB) | | " + " | ".join(spread(rss_per_stream[t], "{:.1f}") for t in rig.proxied) + pad,
         "",
         "Streams completed: " + ", ".join(f"{_title(t)} {completed[t]}" for t in targets) + f"; errors: {errors}. "
         f"Upstream connections per phase ({args.streams} streams at a time): "
         + "; ".join(f"{_title(t)} {', '.join(conns[t])}" for t in rig.proxied)
-        + ". RSS growth: peak during the phase minus before it (the first repetition is the cold figure; later ones "
-        "reuse memory the allocator kept).",
+        + ". RSS per open stream: the proxy's RSS when every slot was streaming minus its RSS before the phase's "
+        "warm-up, over the stream count (client and upstream connections included; the first repetition is the "
+        "cold figure, later ones reuse memory the allocator and the upstream pool kept).",
         "",
     ]
     return lines
