@@ -81,12 +81,6 @@ class _Group:
     totals: GroupTotals = field(default_factory=GroupTotals)
 
 
-def _tokens_per_second(rows: list[tuple[float, float]]) -> float:
-    """Output tokens per second in the decode batch over (tokens, seconds) pairs."""
-    seconds = sum(s for _, s in rows)
-    return sum(o for o, s in rows if s > 0) / seconds if seconds > 0 else 0.0
-
-
 class AttributionEngine:
     def __init__(
         self,
@@ -260,9 +254,11 @@ class AttributionEngine:
         """Advance the group's prefill progress over [t0, t1]: requests that showed their
         prefill done jump it, the energy not drawn by decoding measures the rest."""
         prefill = group.prefill
-        for usage in prefill.waiting():
-            if usage.first_token_at is not None and usage.first_token_at <= t1:
-                prefill.done_by(usage, usage.first_token_at)
+        for usage in members:
+            first = usage.first_token_at
+            if first is not None and t0 < first <= t1:
+                prefill.done_by(usage, first)
+                usage.prefill_done_at = first  # exact, even where progress passed it earlier
         fastest = group.pace.pace().fastest_decode_seconds_per_token or DEFAULT_FASTEST_DECODE_SECONDS_PER_TOKEN
         for usage in group.closed_since_sample:
             end = usage.closed_at
@@ -307,22 +303,20 @@ class AttributionEngine:
         costs = group.cost.costs()
         price = group.cost.fallback_weight if costs is None else costs.prompt_joules_per_token
         prompts = [price * p for p, _, _ in rows]
-        if output_total > 0:
+        blind = any(not u.streaming and d > 0 for u, (_, _, d) in zip(interval.members, rows))
+        if output_total > 0 and not blind:
             decodes = [o for _, o, _ in rows]
-            # A non-streamed request's tokens are known only in total; the batch makes one
-            # token per sequence per step, so in the batch it made as many as the streams
-            # beside it did per second (or, with no streams, as its batch-mates on average).
-            streamed = [(o, s) for u, (_, o, s) in zip(interval.members, rows) if u.streaming]
-            rate = _tokens_per_second(streamed) or _tokens_per_second(
-                [(o, s) for u, (_, o, s) in zip(interval.members, rows) if not u.streaming]
-            )
-            if rate:
-                decodes = [o if u.streaming or s <= 0 else s * rate for u, (_, o, s) in zip(interval.members, rows)]
         else:
-            # Decoding, but no token came out in the interval (a step outlasted it, e.g.
-            # one carrying a long prefill chunk): the batch shares it by time in the batch.
-            tokens_per_second = 1.0 / (pace.decode_seconds_per_token or DEFAULT_DECODE_SECONDS_PER_TOKEN)
-            decodes = [s * tokens_per_second for _, _, s in rows]
+            # A non-streamed request's tokens are known only in total, and some intervals
+            # hold decoding but no token (a step outlasted them): every sequence in the
+            # batch makes one token per step, so the interval's output tokens are shared
+            # by time in the batch. (Streams' own chunks are used when only streams
+            # decode: they also show a stream faster or slower than its batch-mates.)
+            if output_total > 0 and sequence_seconds > 0:
+                tokens_per_second = output_total / sequence_seconds
+            else:
+                tokens_per_second = 1.0 / (pace.decode_seconds_per_token or DEFAULT_DECODE_SECONDS_PER_TOKEN)
+            decodes = [d * tokens_per_second if d > 0 else o for _, o, d in rows]
         return prompts, decodes, totals
 
     def _split(
