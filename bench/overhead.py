@@ -60,6 +60,7 @@ from _common import (  # noqa: E402
     median,
     percentile,
     process_rss_bytes,
+    python_env,
     spread,
     start_nginx,
     start_proxy,
@@ -406,6 +407,13 @@ def saturation(rig: Rig, args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def _parser_kind() -> str:
+    """Whether aiohttp runs its C HTTP parser in the children (same interpreter and env)."""
+    code = "from aiohttp import http_parser as p; print(p.HttpRequestParser.__module__, p.HttpResponseParser.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], env=python_env(), capture_output=True, text=True).stdout.split()
+    return "C parser" if out == ["aiohttp._http_parser"] * 2 else f"PURE-PYTHON parser: {out}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -419,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                 "## carbon-proxy overhead (bench/overhead.py)" + (" -- QUICK SMOKE RUN" if args.quick else ""),
                 "",
                 f"Machine: {os.cpu_count()} CPU(s), load average before {load_before}; Python {sys.version.split()[0]}, "
-                f"aiohttp {aiohttp.__version__}; proxy meter: {args.meter} (sim /metrics); receipts: :memory:; "
-                f"load generator: aiohttp + uvloop in its own process.",
+                f"aiohttp {aiohttp.__version__} ({_parser_kind()}); proxy meter: {args.meter} (sim /metrics); "
+                "receipts: :memory:; load generator: aiohttp + uvloop in its own process.",
                 "",
             ]
             if not args.skip_nonstream:
