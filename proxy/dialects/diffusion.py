@@ -16,14 +16,21 @@ DEFAULT_STEPS_A1111 = 20  # AUTOMATIC1111's default
 DEFAULT_STEPS_OPENAI = 30  # the OpenAI API does not expose steps; a typical SDXL setting
 
 
+MAX_SIDE = 65_536
+MAX_STEPS = MAX_IMAGES = 10_000
+"""Far above any real request; bounds absurd ones (1e308 steps) to finite work."""
+
+
 def work_units(images: int, steps: int, width: int, height: int) -> float:
+    images, steps = min(images, MAX_IMAGES), min(steps, MAX_STEPS)
+    width, height = min(width, MAX_SIDE), min(height, MAX_SIDE)
     return images * steps * (width * height / _MEGAPIXEL)
 
 
 def _size(value: Any) -> tuple[int, int] | None:
     if isinstance(value, str) and "x" in value:
         w, _, h = value.partition("x")
-        if w.isdigit() and h.isdigit():
+        if w.isascii() and w.isdigit() and h.isascii() and h.isdigit():  # superscripts are digits to isdigit, not to int
             return int(w), int(h)
     return None
 

@@ -45,7 +45,8 @@ def event_data(event: bytes) -> bytes | None:
     """The data field of one SSE event (multiple data lines joined by LF), or None."""
     if event.startswith(b"data:") and event.count(b"data:") == 1:
         line = event[5:].rstrip(b"\r\n")
-        return line[1:] if line.startswith(b" ") else line
+        if b"\n" not in line and b"\r" not in line:  # else other fields follow (id:, event:)
+            return line[1:] if line.startswith(b" ") else line
     parts = []
     for line in event.splitlines():
         if line.startswith(b"data:"):
@@ -70,6 +71,7 @@ class SseReader(ResponseReader):
         self._pending = b""
         self._held: list[bytes] = []
         self._leftover = b""
+        self._blank = b""
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         buf = self._pending + chunk if self._pending else chunk
@@ -120,8 +122,13 @@ class SseReader(ResponseReader):
         # An unterminated last event: SSE clients drop it at EOF, so it passes as is and
         # no figures follow it (a terminator would make them dispatch it).
         if self._pending:
-            self._leftover = self._pending
-            self._pending = b""
+            pending, self._pending = self._pending, b""
+            if not pending.strip(b"\r\n"):
+                # Blank lines after the last event (one read later than its terminator):
+                # nothing is cut off, so the figures still follow.
+                self._blank = pending
+                return
+            self._leftover = pending
             try:
                 data = event_data(self._leftover)
                 if data is not None and data.strip() != b"[DONE]":
@@ -134,9 +141,11 @@ class SseReader(ResponseReader):
 
     def tail(self, figures: dict[str, Any] | None) -> bytes:
         if self._leftover:
-            return self._leftover + b"".join(self._held)
+            # In their original order: a held [DONE] glued after the fragment would be
+            # lost to the client (the fragment's line would swallow its `data:`).
+            return b"".join(self._held) + self._leftover
         lead = sse_comment(figures) if figures is not None else b""
-        return lead + b"".join(self._held)
+        return self._blank + lead + b"".join(self._held)
 
 
 class NdjsonReader(ResponseReader):

@@ -91,12 +91,19 @@ class OpenAISseReader(SseReader):
         choices = chunk.get("choices")
         if choices:
             self.on_data(data, now)
-            if not self.info.client_wants_usage:
-                # Usage rode on a content chunk: pass the content, hide the usage.
-                del chunk["usage"]
-                return b"data: " + orjson.dumps(chunk) + b"\n\n"
-        # Hold the usage chunk: it is the last one, and it may carry the figures.
-        self._usage_chunk = chunk
+            if self.info.client_wants_usage:
+                # Usage rode on a content chunk (vLLM's continuous_usage_stats puts it on
+                # every one): never hold content; the figures go in a comment, or in a
+                # usage-only chunk if one follows.
+                return event
+            # Pass the content, hide the usage.
+            del chunk["usage"]
+            return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        # Hold the usage chunk: it is the last one, and it may carry the figures. Were
+        # there a second, the first goes out where the second came (nothing is dropped).
+        previous, self._usage_chunk = self._usage_chunk, chunk
+        if previous is not None and self.info.client_wants_usage:
+            return b"data: " + orjson.dumps(previous) + b"\n\n"
         return None
 
     def _read_usage(self, usage: dict[str, Any]) -> None:
