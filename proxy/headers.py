@@ -42,7 +42,7 @@ EMISSIONS_HEADERS = frozenset(
 # Set by the proxy for the upstream; the client's copies are replaced.
 FORWARDING_HEADERS = frozenset(("host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "content-length"))
 
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 _ALWAYS_DROPPED = HOP_BY_HOP | EMISSIONS_HEADERS
@@ -120,6 +120,6 @@ os.register_at_fork(after_in_child=_drop_random_pool)  # a forked child never re
 def request_id_from(headers: Mapping[str, str]) -> str:
     """The client's X-Request-Id when it is sane (no injection, bounded), else a new one."""
     given = headers.get("X-Request-Id")
-    if given and _SANE_REQUEST_ID.match(given):
+    if given and _SANE_REQUEST_ID.fullmatch(given):  # match() lets "id\n" through ($)
         return given
     return new_request_id()
