@@ -43,6 +43,11 @@ def build_meter(config: Config) -> Meter:
         from proxy.meters.rapl import RaplMeter
 
         _only(meter, options, {"root", "zones"})
+        if not isinstance(options.get("root", ""), str):
+            raise ConfigError("meter.rapl.root", f"expected a directory path, got {options['root']!r}")
+        zones = options.get("zones", [])
+        if not isinstance(zones, list) or not all(isinstance(z, str) for z in zones):
+            raise ConfigError("meter.rapl.zones", f"expected a list of zone kinds such as [\"package\", \"dram\"], got {zones!r}")
         return RaplMeter(**options)
     if meter.kind == "estimate":
         return build_estimate_meter(options, devices)

@@ -6,6 +6,7 @@ and `serve` can exit 2 with a message the user can act on.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,11 +133,19 @@ def _number(key: str, value: Any, *, minimum: float | None = None, positive: boo
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(key, f"expected a number, got {value!r}")
     number = float(value)
+    if not math.isfinite(number):  # TOML has inf and nan; int(inf) would raise later
+        raise ConfigError(key, f"expected a finite number, got {value!r}")
     if positive and number <= 0:
         raise ConfigError(key, f"must be greater than 0, got {value!r}")
     if minimum is not None and number < minimum:
         raise ConfigError(key, f"must be at least {minimum:g}, got {value!r}")
     return number
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):  # bool("false") is True: a quoted false must not switch it on
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
 
 
 def _string_list(key: str, value: Any) -> tuple[str, ...]:
@@ -163,7 +172,11 @@ def _check_keys(key: str, table: dict[str, Any], allowed: set[str]) -> None:
 def parse_upstream_url(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigError(key, f"expected a URL string, got {value!r}")
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises for a port out of range or not a number
+    except ValueError as exc:
+        raise ConfigError(key, f"not a valid URL ({exc}): {value!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(key, f"expected an http:// or https:// URL with a host, got {value!r}")
     return value.rstrip("/")
@@ -234,7 +247,7 @@ def _server(table: dict[str, Any]) -> tuple[ServerConfig, Timeouts]:
             _number("server.max_buffer_bytes", table.get("max_buffer_bytes", defaults.max_buffer_bytes), positive=True)
         ),
         drain_seconds=_number("server.drain_seconds", table.get("drain_seconds", defaults.drain_seconds), minimum=0),
-        trust_forwarded=bool(table.get("trust_forwarded", False)),
+        trust_forwarded=_boolean("server.trust_forwarded", table.get("trust_forwarded", False)),
     )
     timeouts = _timeouts("server.timeouts", _table("server.timeouts", table.get("timeouts", {})))
     return server, timeouts
@@ -314,7 +327,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     carbon = dict(_table("carbon", data.get("carbon", {"intensity": 475.0})))
     # [carbon].pue is the default for upstreams that set none; proxy.carbon never sees it.
     # Nothing set: the cloud's own PUE for a cloud-region zone, else the industry average.
-    pue, _ = resolve_pue(carbon.pop("pue", None), key="carbon.pue", zone=carbon.get("zone"))
+    zone = carbon.get("zone")  # validated with the provider; here only a cloud-region hint
+    pue, _ = resolve_pue(carbon.pop("pue", None), key="carbon.pue", zone=zone if isinstance(zone, str) else None)
     return Config(
         server=server,
         upstreams=upstreams,
@@ -332,6 +346,8 @@ def load_config(path: str | Path) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not UTF-8 text (byte {exc.start}): TOML files are UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -149,14 +149,16 @@ class ScrapeMeter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`devices`: label values to report; None means every series found at start()."""
-        if not url.startswith(("http://", "https://")):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ConfigError("meter.scrape.url", f"must be an http:// or https:// URL, not {url!r}")
-        if not metric:
-            raise ConfigError("meter.scrape.metric", "must name the energy counter to read")
+        if not metric or not isinstance(metric, str):
+            raise ConfigError("meter.scrape.metric", f"must name the energy counter to read, not {metric!r}")
         if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
             raise ConfigError("meter.scrape.scale", f"must be a positive number (joules per unit), not {scale!r}")
-        if not device_label:
-            raise ConfigError("meter.scrape.device_label", "must name the label whose value is the device id")
+        if not device_label or not isinstance(device_label, str):
+            raise ConfigError("meter.scrape.device_label", f"must name the label whose value is the device id, not {device_label!r}")
+        if match_labels is not None and not (isinstance(match_labels, Mapping) and all(isinstance(v, str) for v in match_labels.values())):
+            raise ConfigError("meter.scrape.match_labels", f"must be a table of label = value, not {match_labels!r}")
         if not (isinstance(timeout_seconds, (int, float)) and timeout_seconds > 0 and math.isfinite(timeout_seconds)):
             raise ConfigError("meter.scrape.timeout_seconds", f"must be a positive number, not {timeout_seconds!r}")
         self.url = url
@@ -297,7 +299,7 @@ def make_scrape_meter(
         if metric is None:
             raise ConfigError("meter.scrape.metric", f"required without a preset (presets: {', '.join(PRESETS)})")
         base = ScrapePreset(metric, 1.0 if scale is None else scale, device_label or "gpu")
-    elif preset in PRESETS:
+    elif isinstance(preset, str) and preset in PRESETS:
         base = PRESETS[preset]
     else:
         raise ConfigError("meter.scrape.preset", f"unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")

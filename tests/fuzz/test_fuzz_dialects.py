@@ -30,12 +30,13 @@ from typing import Any, Callable
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy.dialects import dialect_for
 from proxy.dialects.base import RequestInfo, ResponseReader
 
+from . import fuzz
 from .streams import (
     comment,
     data_of,
@@ -56,7 +57,7 @@ from .streams import (
 )
 
 FIGURES = {"energy_joules": 1.25, "co2e_grams": 0.5, "basis": "meter=fake; status=provisional"}
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzz(150)
 
 
 def ignore(count: int, at: float) -> None:
@@ -271,7 +272,7 @@ def check_work(reader: ResponseReader) -> None:
     assert isinstance(work.output_tokens_best(), int)
 
 
-@settings(FUZZ, max_examples=400)
+@fuzz(400)
 @given(target=st.sampled_from(DIALECT_PATHS), body=BODIES, encoding=ENCODINGS)
 def test_json_bodies_never_raise_and_are_only_read(target: tuple[str, str], body: bytes, encoding: str | None) -> None:
     dialect, path = target
@@ -283,7 +284,7 @@ def test_json_bodies_never_raise_and_are_only_read(target: tuple[str, str], body
         check_work(reader)
 
 
-@settings(FUZZ, max_examples=400)
+@fuzz(400)
 @given(target=st.sampled_from(DIALECT_PATHS), body=st.one_of(st.none(), BODIES), method=st.sampled_from(["POST", "GET", "PUT"]))
 @example(target=("diffusion", "/v1/images/generations"), body=b'{"size":"\xc2\xb2x512"}', method="POST")  # '²'.isdigit()
 @example(target=("diffusion", "/sdapi/v1/txt2img"), body=b'{"width":1e308,"height":1e308,"steps":1e308}', method="POST")

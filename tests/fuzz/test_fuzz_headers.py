@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import re
 
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.headers import EMISSIONS_HEADERS, HOP_BY_HOP, client_response_headers, request_id_from, upstream_request_headers
 
-FUZZ = settings(max_examples=300, deadline=None)
+from . import fuzz
+
+FUZZ = fuzz(300)
 SET_BY_PROXY = {"host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
 KNOWN = sorted(HOP_BY_HOP | EMISSIONS_HEADERS | SET_BY_PROXY | {"authorization", "content-type", "accept", "cookie", "x-api-key"})
 TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!#$%&'*+^`|~", min_size=1, max_size=12)
