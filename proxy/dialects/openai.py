@@ -49,10 +49,10 @@ class OpenAISseReader(SseReader):
     def _marked(self, ready: bytes, now: float) -> bytes:
         # Fast path for the chunks every stream is made of once the proxy asked for usage:
         # n events, each a single line `data:...,"usage":null}` and a blank line, with no
-        # other "usage" or "data:" in them. on_event would take each for a token that only
-        # carries usage:null (and strip it if the client did not ask for usage); this
-        # does the same in a few scans of the bytes.
-        if ready.endswith(_NULL_USAGE_END) and ready.startswith(b"data:"):
+        # CR and no other "usage" or "data:" in them. on_event would take each for a token
+        # that only carries usage:null (and strip it if the client did not ask for usage);
+        # this does the same in a few scans of the bytes.
+        if ready.endswith(_NULL_USAGE_END) and ready.startswith(b"data:") and b"\r" not in ready:
             if ready.find(b"\n") == len(ready) - 2:
                 n = 1  # one event: its terminator holds the only newlines
             else:
