@@ -1,0 +1,131 @@
+"""The engine once it has learned a group's costs: prompts paid their price, decode shared
+by the batch, prefill placed by progress; and still request + idle = measured."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.attribution import AttributionEngine
+from proxy.attribution.learning import WorkCosts
+from proxy.meters.base import EnergySample
+
+COSTS = WorkCosts(prompt_joules_per_token=0.1, fixed_watts=0.0, batch_watts=50.0, batch_exponent=0.5)
+
+
+def learned_engine(groups: dict[str, list[str]], idle: float | None = 50.0) -> AttributionEngine:
+    engine = AttributionEngine(groups, idle_power_watts=idle)
+    for name in groups:
+        engine._groups[name].cost._costs = COSTS  # as if fitted: the learned path
+    return engine
+
+
+def sample(engine: AttributionEngine, t: float, joules: float, devices: tuple[str, ...] = ("0",)) -> None:
+    engine.on_sample(EnergySample(t, {d: joules / len(devices) for d in devices}))
+
+
+def test_prompt_paid_its_price_and_the_batch_shares_the_rest() -> None:
+    engine = learned_engine({"g": ["0"]})
+    sample(engine, 0.0, 0.0)
+    a = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=0)
+    b = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=0)
+    a.tick(1, 0.01)
+    b.tick(1, 0.01)
+    sample(engine, 0.1, 0.0)  # nothing drawn yet
+    c = engine.open("g", 0.1, streaming=True, prompt_tokens_estimate=1000)
+    a.tick(5, 0.15)
+    b.tick(5, 0.15)
+    sample(engine, 0.2, 5.0 + 100.0 + 10.0)  # 5 J idle (50 W), 100 J for c's prompt, 10 J decode
+    c.tick(1, 0.2)
+    for usage in (a, b, c):
+        engine.close(usage, 0.2, prompt_tokens=1000 if usage is c else 0, output_tokens=6)
+    sample(engine, 0.3, 115.0 + 5.0)
+    assert a.final and b.final and c.final
+    # c's 1000 prompt tokens (placed in its time to first token, [0.1, 0.2]) cost 0.1 J
+    # each; the 10 J left is decode, shared by a and b's tokens.
+    dynamic = [u.dynamic_joules_final for u in (a, b, c)]
+    assert all(math.isclose(x, y) for x, y in zip(dynamic, [5.0, 5.0, 100.0]))
+    totals = engine.totals()["g"]
+    assert math.isclose(sum(u.energy_joules for u in (a, b, c)) + totals.idle_joules, totals.measured_joules)
+
+
+def test_non_streamed_decoders_share_decode_by_time_with_streams() -> None:
+    engine = learned_engine({"g": ["0"]})
+    sample(engine, 0.0, 0.0)
+    streamed = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=0)
+    blind = engine.open("g", 0.0, streaming=False, prompt_tokens_estimate=0)
+    streamed.tick(1, 0.0)
+    joules = 0.0
+    for k in range(1, 11):
+        if k % 3 == 0:
+            streamed.tick(2, k / 10)  # lumps: a step outlasting an interval
+        joules += 10.0
+        sample(engine, k / 10, joules)
+    engine.close(streamed, 1.0, prompt_tokens=0, output_tokens=7)
+    engine.close(blind, 1.0, prompt_tokens=0, output_tokens=7)
+    sample(engine, 1.1, joules)
+    # Both decoded the whole second in the same batch: the same energy, lumps or not.
+    assert math.isclose(streamed.energy_joules, blind.energy_joules, rel_tol=1e-9)
+
+
+requests = st.lists(
+    st.tuples(
+        st.floats(0.0, 9.0),  # open
+        st.floats(0.01, 5.0),  # duration
+        st.booleans(),  # streaming
+        st.integers(0, 4000),  # prompt tokens
+        st.integers(0, 500),  # output tokens
+        st.sampled_from(["a", "b"]),  # group
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    schedule=requests,
+    powers=st.lists(st.floats(0.0, 1500.0), min_size=5, max_size=5),
+    idle=st.one_of(st.none(), st.floats(0.0, 400.0)),
+    period=st.sampled_from([0.05, 0.1, 0.37]),
+)
+def test_conservation_with_learned_costs(schedule, powers, idle, period) -> None:
+    """request energy + idle energy = measured energy, with every learned path in play."""
+    engine = learned_engine({"a": ["0"], "b": ["1", "2"]}, idle)
+    devices = ("0", "1", "2")
+    joules = 0.0
+    last = 0.0
+    sample(engine, 0.0, 0.0, devices)
+    events: list[tuple[float, int, int]] = []
+    for i, (start, duration, streaming, _, _, _) in enumerate(schedule):
+        events.append((start, 0, i))
+        if streaming:
+            events += [(start + duration * k / 4, 1, i) for k in range(1, 4)]
+        events.append((start + duration, 2, i))
+    events.sort()
+    usages: dict[int, object] = {}
+    next_sample = period
+    end = max((s + d for s, d, *_ in schedule), default=0.0)
+    for t, kind, i in [*events, (end + 2 * period, 3, -1)]:
+        while next_sample < t:
+            joules += powers[int(next_sample) % 5] * (next_sample - last)
+            last = next_sample
+            sample(engine, next_sample, joules, devices)
+            next_sample += period
+        if kind == 3:
+            break
+        _, _, streaming, prompt, output, group = schedule[i]
+        if kind == 0:
+            usages[i] = engine.open(group, t, streaming=streaming, prompt_tokens_estimate=prompt)
+        elif kind == 1:
+            usages[i].tick(max(1, output // 4), t)  # type: ignore[attr-defined]
+        else:
+            engine.close(usages[i], t, prompt_tokens=prompt, output_tokens=output)  # type: ignore[arg-type]
+    for usage in usages.values():
+        assert usage.final  # type: ignore[attr-defined]
+    for name, totals in engine.totals().items():
+        attributed = math.fsum(u.energy_joules for u in usages.values() if u.group == name)  # type: ignore[attr-defined]
+        measured = totals.measured_joules
+        assert abs(attributed + totals.idle_joules - measured) <= 1e-6 * max(measured, 1e-9) + 1e-9
+        assert all(u.energy_joules >= -1e-9 for u in usages.values())  # type: ignore[attr-defined]
