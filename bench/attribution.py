@@ -1,0 +1,499 @@
+"""Attribution accuracy: per-request energy against a ground-truth simulation.
+
+The SimGpu knows exactly what each request cost (decode power shared by the batch each
+step, prefill power to its owner, idle power by presence; decode power sublinear in batch
+size, a board power limit, 5% noise on every change of work). The proxy only sees what
+crosses the wire (arrival, streamed tokens, end, final usage) and a counter that
+refreshes every 100 ms. This benchmark runs the real AttributionEngine on exactly that,
+and compares it with two naive baselines:
+- equal split: each interval's measured energy split equally among the requests in flight;
+- time split: each interval's measured energy split by the time each was present in it.
+
+Workload: Poisson arrivals whose rate swings slowly (from a few to ~60 requests in
+flight), prompts 50-4000 and outputs 10-800 tokens (log-uniform), continuous batching
+with chunked prefill (proxy.sim.engine), after a few idle seconds (idle power is learned).
+
+Modes:
+- --virtual (default): the batching engine in virtual time (fast, deterministic), each
+  trace replayed into the engine in time order; a streaming, a non-streaming and a mixed
+  (every other request streams) run, each scored after a warm-up the engine learns from
+  (the proxy runs for days; the warm-up's own errors are printed as "cold start").
+- --proxy: end to end over HTTP through the real proxy (in-process, its real sampler and
+  receipts) in front of the sim server, in real time: a fresh proxy, mixed warm-up
+  traffic, then a streaming and a non-streaming phase, scored from the final receipts.
+  Smaller and shorter outputs (10-400) so that it takes under two minutes; mostly a cold
+  proxy, so its figures are above the virtual mode's (--proxy-warmup-seconds for more).
+
+Reports per-request relative error |attributed - truth| / truth (median, p90, p99) and
+conservation error |attributed + idle - measured| / measured per mix and method, as one
+Markdown table, then each mix against the goals of issue #3.
+
+    .venv/bin/python bench/attribution.py [--virtual] [--proxy] [--requests 500] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+if TYPE_CHECKING:
+    import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from proxy.attribution import AttributionEngine  # noqa: E402
+from proxy.meters.base import EnergySample  # noqa: E402
+from proxy.meters.sim import SimMeter  # noqa: E402
+from proxy.sim import SimGpu, SimModelConfig, VirtualClock, VirtualRequest, VirtualRun, run_virtual  # noqa: E402
+
+NOISE_FRACTION = 0.05
+"""Each change of work draws power off by a few percent (clocks, temperature)."""
+REFRESH_SECONDS = 0.1
+"""NVML's energy counter refreshes about every 100 ms."""
+IDLE_LEAD_SECONDS = 3.0
+"""The server idles before traffic starts, as a freshly started one does (idle learning)."""
+GOALS = {True: (0.03, 0.10), False: (0.05, 0.15)}
+"""(median, p90) error goals of issue #3: streaming, non-streaming."""
+
+
+# -- workload -----------------------------------------------------------------------------
+
+
+def log_uniform(rng: random.Random, low: float, high: float) -> int:
+    return int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))
+
+
+def make_requests(
+    count: int,
+    seed: int,
+    *,
+    rate_per_second: float = 2.5,
+    swing_period_seconds: float = 30.0,
+    prompt_range: tuple[int, int] = (50, 4000),
+    output_range: tuple[int, int] = (10, 800),
+    start_seconds: float = IDLE_LEAD_SECONDS,
+) -> list[VirtualRequest]:
+    """Poisson arrivals whose rate swings between 0.1x and 1.9x the mean (over
+    `swing_period_seconds`), so the batch sweeps from a few sequences to ~60; prompt and
+    output lengths log-uniform."""
+    rng = random.Random(seed)
+    peak = rate_per_second * 1.9
+    requests: list[VirtualRequest] = []
+    t = start_seconds
+    while len(requests) < count:
+        t += rng.expovariate(peak)  # thinning: accept with rate(t) / peak
+        phase = 2 * math.pi * (t - start_seconds) / swing_period_seconds
+        if rng.random() * peak > rate_per_second * (1.0 - 0.9 * math.cos(phase)):
+            continue
+        prompt = log_uniform(rng, *prompt_range)
+        output = log_uniform(rng, *output_range)
+        requests.append(VirtualRequest(f"r{len(requests)}", t, prompt, output))
+    return requests
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 1]."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass(slots=True)
+class MethodResult:
+    errors: list[float]
+    conservation: float
+
+    @property
+    def median(self) -> float:
+        return percentile(self.errors, 0.5)
+
+    @property
+    def p90(self) -> float:
+        return percentile(self.errors, 0.9)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.errors, 0.99)
+
+
+@dataclass(slots=True)
+class MixResult:
+    mode: str
+    mix: str
+    streaming: bool
+    methods: dict[str, MethodResult] = field(default_factory=dict)
+    notes: str = ""
+
+
+def relative_errors(attributed: dict[str, float], truth: dict[str, float]) -> list[float]:
+    return [abs(attributed.get(rid, 0.0) - joules) / joules for rid, joules in truth.items() if joules > 0]
+
+
+# -- baselines ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    request_id: str
+    start: float
+    end: float
+
+
+def baselines(spans: Sequence[Span], samples: Sequence[tuple[float, float]]) -> dict[str, dict[str, float]]:
+    """Equal split and time split of each interval's measured energy among the requests
+    in flight in it (intervals with nobody in flight are idle, given to no one)."""
+    equal: dict[str, float] = {s.request_id: 0.0 for s in spans}
+    by_time: dict[str, float] = dict(equal)
+    ordered = sorted(spans, key=lambda s: s.start)
+    nxt = 0
+    active: list[Span] = []
+    last_t, last_j = samples[0]
+    for t1, joules in samples[1:]:
+        if t1 <= last_t:
+            continue
+        t0, energy = last_t, max(0.0, joules - last_j)
+        last_t, last_j = t1, joules
+        while nxt < len(ordered) and ordered[nxt].start < t1:
+            active.append(ordered[nxt])
+            nxt += 1
+        active = [s for s in active if s.end > t0]
+        members = [s for s in active if s.start < t1]
+        if not members:
+            continue
+        each = energy / len(members)
+        overlaps = [min(s.end, t1) - max(s.start, t0) for s in members]
+        present = sum(overlaps)
+        for span, overlap in zip(members, overlaps):
+            equal[span.request_id] += each
+            by_time[span.request_id] += energy * overlap / present if present > 0 else each
+    return {"equal split": equal, "time split": by_time}
+
+
+# -- virtual mode -------------------------------------------------------------------------
+
+
+def streams(mix: str, request_id: str) -> bool:
+    """Whether a request of this mix streams (mixed: every other one)."""
+    return mix == "streaming" or (mix == "mixed" and int(request_id[1:]) % 2 == 0)
+
+
+def replay_engine(run: VirtualRun, mix: str, device_ids: Sequence[str]) -> tuple[dict[str, float], float]:
+    """Feed the real engine what the proxy would see; returns (joules per request,
+    conservation error)."""
+    engine = AttributionEngine({"gpu": list(device_ids)})
+    # (time, order at equal times, sequence, action, payload): opens, ticks and closes
+    # at a sample's time happened before the counter refreshed there.
+    events: list[tuple[float, int, int, object]] = []
+    seq = 0
+    for trace in run.traces:
+        events.append((trace.arrival_seconds, 0, seq, ("open", trace)))
+        if streams(mix, trace.request_id):
+            for at in trace.token_seconds:
+                seq += 1
+                events.append((at, 1, seq, ("tick", trace)))
+        events.append((trace.finished_seconds, 2, seq, ("close", trace)))
+        seq += 1
+    for timestamp, joules in run.samples:
+        events.append((timestamp, 3, seq, ("sample", joules)))
+        seq += 1
+    events.sort(key=lambda e: (e[0], e[1], e[2]))
+    usages = {}
+    for at, _, _, (action, payload) in events:  # type: ignore[misc]
+        if action == "sample":
+            engine.on_sample(EnergySample(at, payload))  # type: ignore[arg-type]
+            continue
+        trace = payload
+        rid = trace.request_id  # type: ignore[attr-defined]
+        if action == "open":
+            usages[rid] = engine.open("gpu", at, streaming=streams(mix, rid), prompt_tokens_estimate=trace.prompt_tokens)  # type: ignore[attr-defined]
+        elif action == "tick":
+            usages[rid].tick(1, at)
+        else:
+            engine.close(usages[rid], at, prompt_tokens=trace.prompt_tokens, output_tokens=len(trace.token_seconds))  # type: ignore[attr-defined]
+    not_final = [rid for rid, u in usages.items() if not u.final]
+    if not_final:
+        raise RuntimeError(f"{len(not_final)} requests never became final, e.g. {not_final[:3]}")
+    totals = engine.totals()["gpu"]
+    attributed = {rid: u.energy_joules for rid, u in usages.items()}
+    measured = totals.measured_joules
+    conservation = abs(sum(attributed.values()) + totals.idle_joules - measured) / measured
+    return attributed, conservation
+
+
+def run_virtual_mix(mix: str, count: int, seed: int, warmup: int) -> tuple[MixResult, VirtualRun]:
+    """`warmup` requests first (the engine learns from them; scored apart as cold start),
+    then `count` scored ones, in one run."""
+    clock = VirtualClock()
+    gpu = SimGpu(clock=clock, refresh_seconds=REFRESH_SECONDS, noise_fraction=NOISE_FRACTION, seed=seed)
+    run = run_virtual(make_requests(warmup + count, seed), SimModelConfig(), gpu, clock, sample_interval_seconds=REFRESH_SECONDS)
+    cold = {f"r{i}" for i in range(warmup)}
+    truth = {t.request_id: t.ground_truth.total_joules for t in run.traces if t.request_id not in cold}
+    result = MixResult("virtual", mix, mix == "streaming")
+    attributed, conservation = replay_engine(run, mix, gpu.device_ids)
+    result.methods["engine"] = MethodResult(relative_errors(attributed, truth), conservation)
+    cold_truth = {t.request_id: t.ground_truth.total_joules for t in run.traces if t.request_id in cold}
+    cold_errors = relative_errors(attributed, cold_truth)
+    samples = [(t, sum(j.values())) for t, j in run.samples]
+    spans = [Span(t.request_id, t.arrival_seconds, t.finished_seconds) for t in run.traces]
+    for name, split in baselines(spans, samples).items():
+        result.methods[name] = MethodResult(relative_errors(split, truth), 0.0)
+    result.notes = batch_note(spans, samples)
+    if cold_errors:
+        result.notes += (
+            f"; cold start (first {warmup} requests, engine still learning): median "
+            f"{percentile(cold_errors, 0.5):.1%}, p90 {percentile(cold_errors, 0.9):.1%}"
+        )
+    return result, run
+
+
+def batch_note(spans: Sequence[Span], samples: Sequence[tuple[float, float]]) -> str:
+    """Requests in flight per busy interval (p10/p50/p90), to show the load swept."""
+    counts: list[float] = []
+    for t, _ in samples[1::5]:
+        n = sum(1 for s in spans if s.start <= t < s.end)
+        if n:
+            counts.append(n)
+    return f"in flight p10/p50/p90 = {percentile(counts, 0.1):.0f}/{percentile(counts, 0.5):.0f}/{percentile(counts, 0.9):.0f}"
+
+
+# -- proxy mode ---------------------------------------------------------------------------
+
+PROXY_MODEL = SimModelConfig(natural_tokens_min=1000, natural_tokens_max=1000)
+"""The virtual mode's server; replies run to max_tokens, so output lengths are ours."""
+PROXY_RATE_PER_SECOND = 2.5
+PROXY_OUTPUT_RANGE = (10, 400)
+"""Shorter replies than the virtual mode's, so that real time stays short."""
+
+
+class RecordingMeter(SimMeter):
+    """The SimGpu's counter as the proxy reads it, each reading kept for the baselines."""
+
+    def __init__(self, gpu: SimGpu) -> None:
+        super().__init__(gpu)
+        self.readings: list[tuple[float, float]] = []
+
+    async def read(self) -> EnergySample:
+        sample = await super().read()
+        self.readings.append((sample.timestamp_seconds, sum(sample.joules_by_device.values())))
+        return sample
+
+
+@dataclass(slots=True)
+class ProxyCall:
+    request_id: str
+    streaming: bool
+    prompt_tokens: int
+    output_tokens: int
+    started: float = 0.0
+    ended: float = 0.0
+    ok: bool = False
+
+
+async def _call(session: "aiohttp.ClientSession", url: str, call: ProxyCall) -> None:
+    body: dict[str, object] = {
+        "model": "sim-llm",
+        "prompt": "abcd" * call.prompt_tokens,  # four bytes a token in the sim
+        "max_tokens": call.output_tokens,
+        "stream": call.streaming,
+    }
+    if call.streaming:
+        body["stream_options"] = {"include_usage": True}
+    call.started = time.monotonic()
+    async with session.post(f"{url}/v1/completions", json=body, headers={"X-Request-Id": call.request_id}) as response:
+        async for _ in response.content.iter_any():
+            pass
+        call.ok = response.status == 200
+    call.ended = time.monotonic()
+
+
+async def _traffic(session: "aiohttp.ClientSession", url: str, calls: list[ProxyCall], arrivals: list[float]) -> None:
+    loop_start = time.monotonic()
+    tasks = []
+    for call, at in zip(calls, arrivals):
+        await asyncio.sleep(max(0.0, loop_start + at - time.monotonic()))
+        tasks.append(asyncio.create_task(_call(session, url, call)))
+    await asyncio.gather(*tasks)
+
+
+def _phase(prefix: str, count: int, seed: int, streaming: bool | None) -> tuple[list[ProxyCall], list[float]]:
+    """Requests and arrival offsets; streaming None: a coin decides each."""
+    rng = random.Random(seed)
+    requests = make_requests(
+        count, seed, rate_per_second=PROXY_RATE_PER_SECOND, swing_period_seconds=20.0,
+        output_range=PROXY_OUTPUT_RANGE, start_seconds=0.0,
+    )  # fmt: skip
+    calls = [
+        ProxyCall(f"{prefix}{i}", rng.random() < 0.5 if streaming is None else streaming, r.prompt_tokens, r.output_tokens)
+        for i, r in enumerate(requests)
+    ]
+    return calls, [r.arrival_seconds for r in requests]
+
+
+async def run_proxy_mixes(count: int, seed: int, warmup_seconds: float) -> list[MixResult]:
+    """One proxy over HTTP in front of the sim server, both in this process on the same
+    SimGpu: warmed with mixed traffic (learning), then a streaming and a non-streaming
+    phase, each scored on its own requests from the final receipts."""
+    import aiohttp
+
+    from proxy.carbon.intensity import ConstantIntensity
+    from proxy.config import config_from_dict
+    from proxy.receipts.model import MemoryReceiptStore
+    from proxy.serve import Service
+    from proxy.sim import run_sim_server
+
+    gpu = SimGpu(refresh_seconds=REFRESH_SECONDS, noise_fraction=NOISE_FRACTION, seed=seed)
+    sim = await run_sim_server("127.0.0.1", 0, PROXY_MODEL, gpu)
+    meter = RecordingMeter(gpu)
+    config = config_from_dict({
+        "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"},
+        "upstreams": [{"name": "sim", "url": sim.url, "dialect": "openai"}],
+        "carbon": {"intensity": 450, "pue": 1.2},
+        "attribution": {"idle_power_watts": "auto", "prefill_weight": "auto"},
+        "receipts": {"path": ":memory:"},
+    })  # fmt: skip
+    service = Service(config, meter=meter, intensity=ConstantIntensity(450), receipts=MemoryReceiptStore())
+    await service.start()
+    url = f"http://127.0.0.1:{service.public_port}"
+    phases: list[tuple[str, bool | None, list[ProxyCall]]] = []
+    try:
+        await asyncio.sleep(2.0)  # idle first: idle power is learned (from 10 idle readings)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+            # One arrival process, phase after phase without a pause (each phase's own
+            # requests are scored; the few that overlap a neighbour's share its batch).
+            warm = int(warmup_seconds * PROXY_RATE_PER_SECOND)
+            all_calls: list[ProxyCall] = []
+            all_arrivals: list[float] = []
+            offset = 0.0
+            for prefix, streaming, n in (("w", None, warm), ("s", True, count), ("n", False, count)):
+                if n <= 0:
+                    continue
+                calls, arrivals = _phase(prefix, n, seed + len(phases), streaming)
+                all_calls += calls
+                all_arrivals += [offset + a for a in arrivals]
+                offset += arrivals[-1] + 1.0 / PROXY_RATE_PER_SECOND
+                phases.append((prefix, streaming, calls))
+            await _traffic(session, url, all_calls, all_arrivals)
+        await asyncio.sleep(3 * REFRESH_SECONDS)  # the meter covers the last ends
+        receipts = {}
+        deadline = time.monotonic() + 10.0
+        every = [c for _, _, calls in phases for c in calls if c.ok]
+        while time.monotonic() < deadline:
+            for call in every:
+                if call.request_id not in receipts:
+                    receipt = await service.proxy.receipts.get(call.request_id)
+                    if receipt is not None and receipt.status == "final":
+                        receipts[call.request_id] = receipt
+            if len(receipts) == len(every):
+                break
+            await asyncio.sleep(0.2)
+        engine = service.proxy.accountant.engine  # type: ignore[union-attr]
+        totals = next(iter(engine.totals().values()))
+        learned = engine.costs_learned(next(iter(engine.group_names)))
+        # From the receipts, as a caller sees them (every request final by now).
+        receipted = math.fsum(r.device_energy_joules for r in receipts.values())
+        conservation = abs(receipted + totals.idle_joules - totals.measured_joules) / totals.measured_joules
+        truth_all = {c.request_id: gpu.ground_truth_joules(c.request_id) for c in every if gpu.is_known(c.request_id)}
+    finally:
+        await service.stop()
+        await sim.close()
+    spans = [Span(c.request_id, c.started, c.ended) for c in every]
+    naive = baselines(spans, meter.readings)
+    attributed = {rid: r.device_energy_joules for rid, r in receipts.items()}
+    results: list[MixResult] = []
+    for prefix, streaming, calls in phases:
+        if streaming is None:
+            continue
+        truth = {c.request_id: truth_all[c.request_id] for c in calls if c.request_id in truth_all and c.request_id in receipts}
+        result = MixResult("proxy", "streaming" if streaming else "non-streaming", streaming)
+        result.methods["engine"] = MethodResult(relative_errors(attributed, truth), conservation)
+        for name, split in naive.items():
+            result.methods[name] = MethodResult(relative_errors(split, truth), 0.0)
+        missing = sum(1 for c in calls if c.request_id not in truth)
+        result.notes = batch_note([s for s in spans if s.request_id[0] == prefix], meter.readings)
+        result.notes += f"; after {warmup_seconds:.0f} s of mixed warm-up traffic; costs learned by the end: {learned}"
+        if missing:
+            result.notes += f"; {missing} requests failed or never settled (left out)"
+        results.append(result)
+    return results
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def table(results: Iterable[MixResult]) -> str:
+    lines = [
+        "| mode | mix | method | requests | median err | p90 err | p99 err | conservation err |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for result in results:
+        for name, method in result.methods.items():
+            lines.append(
+                f"| {result.mode} | {result.mix} | {name} | {len(method.errors)} | {method.median:.2%} | "
+                f"{method.p90:.2%} | {method.p99:.2%} | {method.conservation:.4%} |"
+            )
+    return "\n".join(lines)
+
+
+def verdict(result: MixResult) -> str:
+    if result.mix == "mixed":
+        engine = result.methods["engine"]
+        best_naive = min(m.median for name, m in result.methods.items() if name != "engine")
+        return f"{result.mode}/{result.mix}: no goal of its own (half the requests stream); naive/engine median = {best_naive / engine.median:.1f}x; {result.notes}"
+    median_goal, p90_goal = GOALS[result.streaming]
+    engine = result.methods["engine"]
+    best_naive = min(m.median for name, m in result.methods.items() if name != "engine")
+    ok = engine.median <= median_goal and engine.p90 <= p90_goal and engine.median * 3 <= best_naive
+    ratio = best_naive / engine.median if engine.median > 0 else math.inf
+    return (
+        f"{result.mode}/{result.mix}: {'PASS' if ok else 'FAIL'} (goal median <= {median_goal:.0%}, p90 <= {p90_goal:.0%}, "
+        f"3x better than naive; naive/engine median = {ratio:.1f}x; {result.notes})"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--virtual", action="store_true", help="virtual-time replay (default when no mode is named)")
+    parser.add_argument("--proxy", action="store_true", help="end to end through the real proxy over HTTP")
+    parser.add_argument("--requests", type=int, default=500, help="scored requests per mix in virtual mode")
+    parser.add_argument("--warmup", type=int, default=300, help="requests before those, to learn from (virtual mode)")
+    parser.add_argument("--proxy-requests", type=int, default=60, help="scored requests per mix in proxy mode")
+    parser.add_argument("--proxy-warmup-seconds", type=float, default=40.0, help="mixed traffic before those (proxy mode)")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    if not args.virtual and not args.proxy:
+        args.virtual = True
+    results: list[MixResult] = []
+    started = time.perf_counter()
+    if args.virtual:
+        for mix in ("streaming", "non-streaming", "mixed"):
+            result, _ = run_virtual_mix(mix, args.requests, args.seed, args.warmup)
+            results.append(result)
+    if args.proxy:
+        results.extend(asyncio.run(run_proxy_mixes(args.proxy_requests, args.seed, args.proxy_warmup_seconds)))
+    print(table(results))
+    print()
+    for result in results:
+        print(verdict(result))
+    print(f"\n({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
