@@ -114,12 +114,17 @@ def estimate_tokens_from_text(text_bytes: int) -> int:
     return max(1, text_bytes // 4)
 
 
+MAX_COUNT = 10**9
+"""No single request has a billion tokens: larger counts are garbage and are ignored, so a
+hostile upstream cannot push infinities into attribution."""
+
+
 def as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and value >= 0:
+        return value if 0 <= value <= MAX_COUNT else None
+    if isinstance(value, float) and 0 <= value <= MAX_COUNT:
         return int(value)
     return None
 

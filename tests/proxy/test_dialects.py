@@ -141,3 +141,9 @@ def test_openai_request_gets_include_usage_and_keeps_other_options() -> None:
 def test_diffusion_work_units(path: str, body: bytes, units: float) -> None:
     info = dialect_for("diffusion", path).inspect_request("POST", path, body)
     assert info.work_units == pytest.approx(units)
+
+
+def test_absurd_counts_from_a_hostile_upstream_are_ignored() -> None:
+    reader = dialect_for("openai", "/v1/completions").reader(RequestInfo(), "application/json", lambda n, t: None)
+    reader.read_body(b'{"usage":{"prompt_tokens":1e308,"completion_tokens":99999999999999}}', None)
+    assert reader.work.prompt_tokens is None and reader.work.output_tokens == 0
