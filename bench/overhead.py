@@ -159,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rate, args.seconds, args.reps = min(args.rate, 100.0), 1.5, 1
         args.streams, args.stream_tokens, args.stream_seconds, args.stream_reps = min(args.streams, 20), 20, 1.5, 1
         args.concurrency, args.sat_seconds, args.sat_reps = min(args.concurrency, 16), 1.5, 1
+    if args.profile and not (shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy").exists()):
+        p.error("--profile needs py-spy (pip install py-spy into the venv)")
     if args.compare_tree is not None and not (args.compare_tree / "proxy" / "__init__.py").is_file():
         p.error(f"--compare-tree: {args.compare_tree}/proxy is not a package")
     return args
