@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from proxy.attribution.learning import IdlePowerLearner, WorkCostLearner
 from proxy.attribution.prefill import PrefillProgress, ProgressSpan
-from proxy.attribution.split import known_work, presence_shares, split_dynamic, split_priced
+from proxy.attribution.split import known_work, overlap, presence_shares, split_dynamic, split_priced
 from proxy.attribution.timing import PaceLearner
 from proxy.attribution.usage import RequestUsage
 from proxy.meters.base import EnergySample
@@ -275,9 +275,10 @@ class AttributionEngine:
                 start = usage.first_token_at if usage.streaming else usage.prefill_done_at
                 if start is not None:
                     end = usage.closed_at if usage.closed_at is not None else t1
-                    decoding = max(0.0, min(end, t1) - max(start, t0))
+                    decoding = overlap(start, end, t0, t1)
                     sequence_seconds += decoding
-                    decode_seconds = max(decode_seconds, decoding)
+                    if decoding > decode_seconds:
+                        decode_seconds = decoding
             decode_joules = costs.decode_joules(decode_seconds, sequence_seconds)
             processed = max(0.0, dynamic_joules - decode_joules) / costs.prompt_joules_per_token
         return prefill.advance(t0, t1, processed)
@@ -297,8 +298,8 @@ class AttributionEngine:
             prompt_total += prompt
             output_total += output
             sequence_seconds += decoding
-            # The batch decodes as one: the interval decoded while any member did.
-            decode_seconds = max(decode_seconds, decoding)
+            if decoding > decode_seconds:  # the batch decodes as one: while any member did
+                decode_seconds = decoding
         totals = (prompt_total, output_total, decode_seconds, sequence_seconds)
         costs = group.cost.costs()
         price = group.cost.fallback_weight if costs is None else costs.prompt_joules_per_token
