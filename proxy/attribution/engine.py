@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from proxy.attribution.learning import IdlePowerLearner, WorkCostLearner
 from proxy.attribution.prefill import PrefillProgress, ProgressSpan
-from proxy.attribution.split import known_work, overlap, presence_shares, split_dynamic, split_priced
+from proxy.attribution.split import decode_work, known_work, overlap, presence_shares, split_dynamic, split_priced
 from proxy.attribution.timing import PaceLearner
 from proxy.attribution.usage import RequestUsage
 from proxy.meters.base import EnergySample
@@ -74,7 +74,6 @@ class _Group:
     prefill: PrefillProgress = field(default_factory=PrefillProgress)
     open: set[RequestUsage] = field(default_factory=set)
     closed_since_sample: list[RequestUsage] = field(default_factory=list)
-    pending: int = 0
     last_t: float | None = None
     last_joules: float = 0.0
     last_power_watts: float = 0.0
@@ -236,7 +235,6 @@ class AttributionEngine:
                 usage.pending_intervals += 1
                 if usage.closed_at is None or usage.closed_at > t1:
                     usage.pending.append(interval)
-            group.pending += 1
         group.totals.idle_joules += idle_joules
         # Closed requests the meter has now covered: their intervals may settle, and
         # they become final once none is pending.
@@ -304,20 +302,9 @@ class AttributionEngine:
         costs = group.cost.costs()
         price = group.cost.fallback_weight if costs is None else costs.prompt_joules_per_token
         prompts = [price * p for p, _, _ in rows]
-        blind = any(not u.streaming and d > 0 for u, (_, _, d) in zip(interval.members, rows))
-        if output_total > 0 and not blind:
-            decodes = [o for _, o, _ in rows]
-        else:
-            # A non-streamed request's tokens are known only in total, and some intervals
-            # hold decoding but no token (a step outlasted them): every sequence in the
-            # batch makes one token per step, so the interval's output tokens are shared
-            # by time in the batch. (Streams' own chunks are used when only streams
-            # decode: they also show a stream faster or slower than its batch-mates.)
-            if output_total > 0 and sequence_seconds > 0:
-                tokens_per_second = output_total / sequence_seconds
-            else:
-                tokens_per_second = 1.0 / (pace.decode_seconds_per_token or DEFAULT_DECODE_SECONDS_PER_TOKEN)
-            decodes = [d * tokens_per_second if d > 0 else o for _, o, d in rows]
+        streamed = [u.streaming for u in interval.members]
+        fallback_tokens_per_second = 1.0 / (pace.decode_seconds_per_token or DEFAULT_DECODE_SECONDS_PER_TOKEN)
+        decodes = decode_work(rows, streamed, output_total, sequence_seconds, fallback_tokens_per_second)
         return prompts, decodes, totals
 
     def _split(
@@ -365,7 +352,6 @@ class AttributionEngine:
             assert isinstance(interval, _Interval)
             interval.uncovered -= 1
             if interval.uncovered == 0:
-                group.pending -= 1
                 group.totals.idle_joules += self._settle(group, interval)
                 for member in interval.members:
                     member.pending_intervals -= 1

@@ -11,6 +11,7 @@ measured = static (idle power x time) + dynamic.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from typing import Sequence
 
@@ -101,10 +102,39 @@ def known_work(
     else:  # no estimate at arrival: prefill from the start at the learned pace
         done = min(end, usage.opened_at + prompt / pace.prefill_tokens_per_second)
         prompt_part = _spread(prompt, usage.opened_at, done, t0, t1)
-    if done is None:
-        return prompt_part, units, 0.0
+    if usage.prefill_seconds is not None and usage.closed_at is not None:
+        # The server said how long its prefill took (Ollama, llama.cpp): that long, up to
+        # where progress passed it (or from the start).
+        done = min(end, done if done is not None else usage.opened_at + usage.prefill_seconds)
+        prompt_part = _spread(prompt, max(usage.opened_at, done - usage.prefill_seconds), done, t0, t1)
+    if done is None or usage.work_units is not None or (usage.closed_at is not None and not usage.output_tokens):
+        return prompt_part, units, 0.0  # not decoding (yet): queued, an image, an embedding
     output = _spread(usage.output_tokens or 0, done, end, t0, t1) if usage.closed_at is not None else 0.0
     return prompt_part, units + output, overlap(done, end, t0, t1)
+
+
+def decode_work(
+    rows: Sequence[tuple[float, float, float]],
+    streamed: Sequence[bool],
+    output_total: float,
+    sequence_seconds: float,
+    fallback_tokens_per_second: float,
+) -> list[float]:
+    """Each member's decode work in output tokens, from its (prompt, output, seconds in
+    the batch) row: a stream's own tokens when only streams decode (its chunks also show
+    a stream faster or slower than its batch-mates). A non-streamed request's tokens are
+    known only in total, and some intervals hold decoding but no token (a step outlasted
+    them); every sequence in the batch makes one token per step, so then the interval's
+    output tokens are shared by time in the batch."""
+    blind = any(not s and d > 0 for s, (_, _, d) in zip(streamed, rows))
+    if output_total > 0 and not blind:
+        return [o for _, o, _ in rows]
+    decoded = math.fsum(o for _, o, d in rows if d > 0)  # work units are no decode tokens
+    if decoded > 0 and sequence_seconds > 0:
+        tokens_per_second = decoded / sequence_seconds
+    else:
+        tokens_per_second = fallback_tokens_per_second
+    return [d * tokens_per_second if d > 0 else o for _, o, d in rows]
 
 
 def split_dynamic(dynamic_joules: float, works: Sequence[float], presence: Sequence[float]) -> tuple[list[float], float]:

@@ -129,3 +129,22 @@ def test_conservation_with_learned_costs(schedule, powers, idle, period) -> None
         measured = totals.measured_joules
         assert abs(attributed + totals.idle_joules - measured) <= 1e-6 * max(measured, 1e-9) + 1e-9
         assert all(u.energy_joules >= -1e-9 for u in usages.values())  # type: ignore[attr-defined]
+
+
+def test_images_split_by_work_units_and_embeddings_do_not_decode() -> None:
+    engine = learned_engine({"g": ["0"]})
+    sample(engine, 0.0, 0.0)
+    small = engine.open("g", 0.0, streaming=False)
+    large = engine.open("g", 0.0, streaming=False)
+    embedding = engine.open("g", 0.0, streaming=False, prompt_tokens_estimate=100)
+    chat = engine.open("g", 0.0, streaming=False, prompt_tokens_estimate=0)
+    sample(engine, 1.0, 1000.0)
+    engine.close(small, 1.0, prompt_tokens=None, output_tokens=None, work_units=1.0)
+    engine.close(large, 1.0, prompt_tokens=None, output_tokens=None, work_units=4.0)
+    engine.close(embedding, 1.0, prompt_tokens=100, output_tokens=0)
+    engine.close(chat, 1.0, prompt_tokens=0, output_tokens=50)
+    sample(engine, 1.1, 1000.0)
+    assert all(u.final for u in (small, large, embedding, chat))
+    # Images by their work units; the embedding pays its prompt only.
+    assert math.isclose(large.dynamic_joules_final, 4 * small.dynamic_joules_final)
+    assert math.isclose(embedding.dynamic_joules_final, 100 * COSTS.prompt_joules_per_token)
