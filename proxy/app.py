@@ -69,6 +69,8 @@ class ProxyServer:
         self.sampler: Sampler | None = None
         self.accountant: Accountant | None = None
         self._record_listeners: list[Callable[[Receipt, Figures | None, MeteredExchange], None]] = []
+        self._forward_listeners: list[Callable[[MeteredExchange], None]] = []
+        self._reject_listeners: list[Callable[[str], None]] = []
         self.in_flight = 0
         self.budgets = Budgets(self.tenancy.budgets)
         self.on_record(self.budgets.on_record)
@@ -151,6 +153,23 @@ class ProxyServer:
         except Exception:
             log.exception("receipt store failed while waiting for a commit")
 
+    def on_forward(self, listener: Callable[[MeteredExchange], None]) -> None:
+        """Called just before a request is handed to its upstream (proxy overhead ends here)."""
+        self._forward_listeners.append(listener)
+
+    def on_reject(self, listener: Callable[[str], None]) -> None:
+        """Called with the error type of every request the proxy answers itself (400, 404,
+        405, 413, 429): these never reach an upstream and so have no receipt."""
+        self._reject_listeners.append(listener)
+
+    def _reject(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+        for listener in self._reject_listeners:
+            try:
+                listener(kind)
+            except Exception:
+                log.exception("reject listener failed")
+        return json_error(status, kind, message, headers)
+
     def _record(self, exchange: MeteredExchange, receipt: Receipt, figures: Figures | None) -> None:
         try:
             self.receipts.put(receipt)
@@ -172,14 +191,14 @@ class ProxyServer:
 
     def _too_large(self) -> web.Response:
         limit = self.config.server.max_body_bytes
-        return json_error(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
+        return self._reject(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if not request.raw_path.startswith("/"):
             # Absolute-form (or authority-form) targets would let a client pick the host.
-            return json_error(400, "invalid_request_target", "only origin-form request targets (a path) are accepted")
+            return self._reject(400, "invalid_request_target", "only origin-form request targets (a path) are accepted")
         if request.method == "CONNECT":
-            return json_error(405, "method_not_allowed", "CONNECT is not supported")
+            return self._reject(405, "method_not_allowed", "CONNECT is not supported")
         path = request.path
         if path.startswith(RECEIPTS_PREFIX):
             return await self._receipt(request, path[len(RECEIPTS_PREFIX) :])
@@ -203,7 +222,7 @@ class ProxyServer:
             model = data.get("model") if data is not None and isinstance(data.get("model"), str) else None
         upstream = self.router.route(path, model)
         if upstream is None:
-            return json_error(404, "no_route", f"no upstream is configured for {path!r}")
+            return self._reject(404, "no_route", f"no upstream is configured for {path!r}")
         dialect = dialect_for(upstream.dialect, path)
         info = dialect.inspect_request(request.method, path, raw_body)
 
@@ -216,7 +235,7 @@ class ProxyServer:
         if not allowed:
             extra_headers["Retry-After"] = str(self.budgets.retry_after_seconds(tenant))
             message = f"tenant {tenant!r} has used its CO2e budget for this period; it resets at the start of the next (UTC)"
-            return json_error(429, "carbon_budget_exceeded", message, extra_headers)
+            return self._reject(429, "carbon_budget_exceeded", message, extra_headers)
         assert self.accountant is not None, "ProxyServer.start() was not awaited"
         usage = self.accountant.engine.open(
             group_name(upstream), started_monotonic, streaming=info.stream, prompt_tokens_estimate=info.prompt_tokens_estimate
@@ -250,6 +269,8 @@ class ProxyServer:
         )
         url = URL(upstream.url + request.raw_path, encoded=True)
         send_body = info.body if raw_body is not None else body
+        for listener in self._forward_listeners:
+            listener(exchange)
         self.in_flight += 1
         try:
             response = await self.forwarder.forward(

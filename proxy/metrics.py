@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -47,6 +47,7 @@ UNKNOWN_MODEL = "unknown"
 """Label for requests whose body named no model (generic dialect, GET requests)."""
 
 REQUEST_LABELS = ["upstream", "model", "tenant"]
+REJECT_REASONS = ("invalid_request_target", "method_not_allowed", "no_route", "request_too_large", "carbon_budget_exceeded")
 LATENCY_LABELS = ["upstream", "model"]
 
 # Bucket edges: per-request energy spans a few joules (short batched completion) to tens
@@ -140,6 +141,8 @@ class RequestMetrics(Collector):
         self._tallies: dict[tuple[str, str, str], Tally] = {}
         self._latency: dict[tuple[str, str], Latency] = {}
         self.overhead: dict[str, Buckets] = {}
+        # Every reason from zero, so rate() and alerts see the series before the first one.
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
 
     def bound(self, upstream: str, model: str | None, tenant: str) -> Tally:
         key = (upstream, self._models.label(model), self._tenant_label(tenant))
@@ -172,6 +175,11 @@ class RequestMetrics(Collector):
         if ttfb is not None:
             tally.latency.ttfb.observe(ttfb if ttfb > 0 else 0.0)
         tally.latency.duration.observe(receipt.duration_seconds if receipt.duration_seconds > 0 else 0.0)
+
+    def reject(self, kind: str) -> None:
+        """A request the proxy answered itself; `kind` is one of a few fixed error types."""
+        if kind in self.rejected:  # a fixed set: label cardinality stays bounded
+            self.rejected[kind] += 1
 
     def observe_overhead(self, upstream: str, seconds: float) -> None:
         buckets = self.overhead.get(upstream)
@@ -240,26 +248,14 @@ class RequestMetrics(Collector):
         )  # fmt: skip
         for upstream, buckets in list(self.overhead.items()):
             overhead.add_metric([upstream], buckets.cumulative(), buckets.total)
-        yield from (requests, tokens, images, energy, co2e, embodied, energy_hist, co2e_hist, ttfb, duration, overhead)
-
-
-def _time_forwarding(proxy: ProxyServer, metrics: RequestMetrics) -> None:
-    """Observe the proxy's own time before each upstream call.
-
-    The forwarder is the first point where the proxy hands a request on; wrapping its
-    `forward` here keeps the data path free of metrics code. The body read is excluded
-    because a slow client, not the proxy, paces it."""
-    forward = proxy.forwarder.forward
-    observe = metrics.observe_overhead
-
-    async def timed_forward(request: Any, **kwargs: Any) -> Any:
-        exchange = kwargs.get("exchange")
-        meta = getattr(exchange, "meta", None)
-        if meta is not None:
-            observe(exchange.upstream.name, time.monotonic() - meta.started_monotonic)  # type: ignore[union-attr]
-        return await forward(request, **kwargs)
-
-    setattr(proxy.forwarder, "forward", timed_forward)
+        rejected = CounterMetricFamily(
+            "carbon_proxy_rejected_requests",
+            "Requests the proxy answered itself without an upstream (bad target, no route, too large, budget).",
+            labels=["reason"],
+        )
+        for reason, count in list(self.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield from (requests, tokens, images, energy, co2e, embodied, energy_hist, co2e_hist, ttfb, duration, overhead, rejected)
 
 
 def install_metrics(proxy: ProxyServer, registry: CollectorRegistry) -> RequestMetrics:
@@ -274,5 +270,8 @@ def install_metrics(proxy: ProxyServer, registry: CollectorRegistry) -> RequestM
         ProcessCollector(registry=registry)  # process_cpu_seconds_total: the proxy's CPU cost
     except ValueError:
         pass  # someone registered process metrics on this registry already
-    _time_forwarding(proxy, requests)
+    # Overhead: from the request accepted (body read, which a slow client paces) to the
+    # hand-off to the upstream: routing, dialect, budget, attribution and header work.
+    proxy.on_forward(lambda exchange: requests.observe_overhead(exchange.upstream.name, time.monotonic() - exchange.meta.started_monotonic))
+    proxy.on_reject(requests.reject)
     return requests
