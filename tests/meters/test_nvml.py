@@ -162,6 +162,8 @@ async def test_mig_capable_gpu_with_mig_off_is_fine(install_nvml: Install, clock
     install_nvml([FakeGpu(UUID_A, mig_capable=True)])
     meter = NvmlMeter(["0"], clock=clock)
     await meter.start()
+    assert meter.device_ids() == ("0",)
+    assert (await meter.read()).joules_by_device.keys() == {"0"}
     await meter.close()
 
 
@@ -183,6 +185,8 @@ async def test_passthrough_gpu_is_metered(install_nvml: Install, clock: FakeCloc
     install_nvml([FakeGpu(UUID_A, virtualization_mode=1)])
     meter = NvmlMeter(["0"], clock=clock)
     await meter.start()
+    assert meter.device_ids() == ("0",)
+    assert (await meter.read()).joules_by_device.keys() == {"0"}
     await meter.close()
 
 

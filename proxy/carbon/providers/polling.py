@@ -8,6 +8,7 @@ value is used instead (also flagged stale). A 429 backs off and honours Retry-Af
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import bisect
 import contextlib
@@ -74,7 +75,7 @@ class ProviderStatus:
     points: int
 
 
-class PollingProvider:
+class PollingProvider(abc.ABC):
     """Base class: subclasses implement `fetch()` (and may set `marginal`)."""
 
     provider_name: ClassVar[str] = "polling"
@@ -124,8 +125,9 @@ class PollingProvider:
         self._fallback_reading = replace(fallback.current(), stale=True)
 
     # ---- what subclasses provide ---------------------------------------------------
+    @abc.abstractmethod
     async def fetch(self) -> list[IntensityPoint]:
-        raise NotImplementedError
+        """The provider's latest data points (raises ProviderError subclasses on failure)."""
 
     def secret_values(self) -> Iterable[str]:
         """Values to scrub from any message before it is logged."""
