@@ -427,7 +427,10 @@ async def run_proxy_mixes(count: int, seed: int, warmup_seconds: float) -> list[
             result.methods[name] = MethodResult(relative_errors(split, truth), 0.0)
         missing = sum(1 for c in calls if c.request_id not in truth)
         result.notes = batch_note([s for s in spans if s.request_id[0] == prefix], meter.readings)
-        result.notes += f"; after {warmup_seconds:.0f} s of mixed warm-up traffic; costs learned by the end: {learned}"
+        result.notes += (
+            f"; a fresh proxy after {warmup_seconds:.0f} s of mixed warm-up traffic (costs learned by the end: {learned}; "
+            "they take a minute or two to settle: --proxy-warmup-seconds 150 for steady state)"
+        )
         if missing:
             result.notes += f"; {missing} requests failed or never settled (left out)"
         results.append(result)
