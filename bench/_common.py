@@ -137,10 +137,19 @@ def start_sim(workdir: Path, port: int, *, tokens_per_second: float = 50.0, natu
 
 
 def start_proxy(
-    workdir: Path, port: int, admin_port: int, sim_port: int, meter: str = "scrape", *, name: str = "proxy", tree: Path = ROOT
+    workdir: Path,
+    port: int,
+    admin_port: int,
+    sim_port: int,
+    meter: str = "scrape",
+    *,
+    name: str = "proxy",
+    tree: Path = ROOT,
+    receipts: str = ":memory:",
 ) -> Child:
     """`carbon-proxy serve` in its own process; the scrape meter reads the sim's DCGM /metrics.
-    `tree`: the source tree whose `proxy` package runs (to compare two versions in one run)."""
+    `tree`: the source tree whose `proxy` package runs (to compare two versions in one run).
+    `receipts`: the receipts database (":memory:" keeps up to 100k receipts in a dict)."""
     config = workdir / f"{name}.toml"
     meter_table = (
         f'[meter]\nkind = "scrape"\n[meter.scrape]\nurl = "http://127.0.0.1:{sim_port}/metrics"\n'
@@ -152,7 +161,7 @@ def start_proxy(
         f'[[upstreams]]\nname = "sim"\nurl = "http://127.0.0.1:{sim_port}"\ndialect = "openai"\n\n'
         + meter_table
     )
-    argv = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--receipts", ":memory:", "--log-level", "warning"]
+    argv = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--receipts", receipts, "--log-level", "warning"]
     child = spawn(name, argv, workdir, python_env(tree), cwd=tree)
     wait_http(f"http://127.0.0.1:{admin_port}/healthz", proc=child.proc)
     return child
@@ -201,6 +210,45 @@ def start_nginx(workdir: Path, port: int, sim_port: int) -> Child | None:
     except RuntimeError:
         child.stop()
         return None
+    return child
+
+
+LITELLM_CONFIG = """\
+model_list:
+  - model_name: sim-llm
+    litellm_params:
+      model: openai/sim-llm
+      api_base: http://127.0.0.1:{sim_port}/v1
+      api_key: x
+litellm_settings:
+  telemetry: false
+  drop_params: true
+"""
+
+
+def start_litellm(workdir: Path, port: int, sim_port: int, binary: str, timeout: float = 180.0) -> Child:
+    """LiteLLM's proxy (`litellm[proxy]`, its own venv) as the peer users would pick instead:
+    one worker, no database, an openai-compatible model `sim-llm` pointed at the sim."""
+    config = workdir / "litellm.yaml"
+    config.write_text(LITELLM_CONFIG.format(sim_port=sim_port))
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PYTHONPATH", "VIRTUAL_ENV")}
+    # No network here: use the bundled model cost map instead of fetching it; quiet logs.
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR", LITELLM_MODE="PRODUCTION")
+    # Recent LiteLLM refuses to start without a master key; it listens on 127.0.0.1 only and
+    # our proxy runs without auth here too, so take its local-development opt-out (no key
+    # check per request: if anything, flattering to LiteLLM).
+    env["LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"] = "true"
+    argv = [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1",
+            "--telemetry", "False"]  # fmt: skip
+    log_path = workdir / "litellm.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env)
+    child = Child("litellm", proc, log_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=timeout, proc=proc)
+    except RuntimeError as exc:
+        child.stop()
+        raise RuntimeError(f"LiteLLM did not start: {exc}\n{child.log_tail()}") from None
     return child
 
 

@@ -22,11 +22,18 @@ the machine hit both alike):
 3. saturation, closed loop: C workers (default 64) each sending its next request when the
    last one answered: requests/s direct, through nginx, through the proxy.
 
+With `--litellm PATH` (the `litellm` script of a venv holding `litellm[proxy]`, kept out of
+this project's venv), LiteLLM's proxy, pointed at the same sim (one worker, no database),
+joins phases 1 and 3 as the peer users would pick instead: the tables then give the
+proxy/LiteLLM ratios (issue #8's goal: peak requests/s >= 5x LiteLLM's).
+
     .venv/bin/python bench/overhead.py            # about 2 minutes
     .venv/bin/python bench/overhead.py --quick    # a few-second smoke run
     .venv/bin/python bench/overhead.py --streams 2000 --skip-nonstream --skip-saturation
     .venv/bin/python bench/overhead.py --compare-tree /tmp/before   # before/after in one run
     .venv/bin/python bench/overhead.py --profile /tmp/prof          # py-spy each proxy phase
+    python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'
+    .venv/bin/python bench/overhead.py --skip-streams --litellm /tmp/litellm-venv/bin/litellm
 
 On a small machine the generator, the sim and the proxy share cores: the CPU columns say
 who was busy, and `other load` how much CPU processes outside the benchmark took.
@@ -62,6 +69,7 @@ from _common import (  # noqa: E402
     process_rss_bytes,
     python_env,
     spread,
+    start_litellm,
     start_nginx,
     start_proxy,
     start_sim,
@@ -77,6 +85,8 @@ class Rig:
     proxies: dict[str, Child]
     """'proxy' (this tree), and 'baseline' with --compare-tree."""
     nginx: Child | None
+    litellm: Child | None
+    """LiteLLM's proxy with --litellm (a peer, in the non-streaming and saturation phases)."""
     ports: dict[str, int]
     gen: Any  # multiprocessing.Process
     conn: Any  # its pipe
@@ -95,7 +105,14 @@ class Rig:
         pids.update((name, child.pid) for name, child in self.proxies.items())
         if self.nginx is not None:
             pids["nginx"] = self.nginx.pid
+        if self.litellm is not None:
+            pids["litellm"] = self.litellm.pid
         return pids
+
+    @property
+    def peers(self) -> list[str]:
+        """Other proxies measured beside ours in the non-streaming and saturation phases."""
+        return ["litellm"] if self.litellm is not None else []
 
     def run(self, job: str, target: str, label: str, **kwargs: Any) -> tuple[dict[str, Any], Usage]:
         """One job of the load generator; CPU, RSS and connections sampled while it measures.
@@ -104,7 +121,7 @@ class Rig:
         kind, payload = self.conn.recv()
         if kind == "error":
             raise RuntimeError(f"load generator failed in {label}: {payload}")
-        watch = (target,) if target in self.proxies else ()
+        watch = (target,) if target in self.proxies or target in self.peers else ()
         sampler = Sampler(self.pids(), upstream_port=self.ports["direct"], watch=watch)
         sampler.start()
         spy = self._profile(label, self.proxies[target].pid) if target in self.proxies else None
@@ -153,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-saturation", action="store_true")
     p.add_argument("--compare-tree", metavar="DIR", type=Path,
                    help="also run the proxy from another source tree (DIR/proxy), e.g. a checkout before a change")
+    p.add_argument("--litellm", metavar="PATH",
+                   help="the `litellm` script of a venv with litellm[proxy]: adds LiteLLM's proxy as a peer target")
     p.add_argument("--profile", metavar="PREFIX", help="py-spy record each proxy phase to PREFIX-<phase>.txt (collapsed stacks)")
     args = p.parse_args(argv)
     if args.quick:
@@ -163,6 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--profile needs py-spy (pip install py-spy into the venv)")
     if args.compare_tree is not None and not (args.compare_tree / "proxy" / "__init__.py").is_file():
         p.error(f"--compare-tree: {args.compare_tree}/proxy is not a package")
+    if args.litellm is not None and not os.access(args.litellm, os.X_OK):
+        p.error(f"--litellm: {args.litellm} is not an executable")
     return args
 
 
@@ -171,7 +192,7 @@ def setup(args: argparse.Namespace, workdir: Path) -> Rig:
     # Replies as long as max_tokens asks: every stream runs its full length, so N are open at once.
     sim = start_sim(workdir, ports["direct"], tokens_per_second=args.tokens_per_second, natural_tokens=100_000)
     proxies: dict[str, Child] = {}
-    nginx = None
+    nginx = litellm = None
     try:
         trees = [("proxy", ROOT)] + ([("baseline", args.compare_tree.resolve())] if args.compare_tree else [])
         for name, tree in trees:
@@ -180,16 +201,19 @@ def setup(args: argparse.Namespace, workdir: Path) -> Rig:
         if not args.no_nginx and not args.skip_saturation:
             ports["nginx"] = free_port()
             nginx = start_nginx(workdir, ports["nginx"], ports["direct"])
+        if args.litellm and not (args.skip_saturation and args.skip_nonstream):
+            ports["litellm"] = free_port()
+            litellm = start_litellm(workdir, ports["litellm"], ports["direct"], args.litellm)
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         gen = ctx.Process(target=_loadgen.serve, args=(child,), name="loadgen", daemon=True)
         gen.start()
     except BaseException:
-        for c in [nginx, *proxies.values(), sim]:
+        for c in [litellm, nginx, *proxies.values(), sim]:
             if c is not None:
                 c.stop()
         raise
-    return Rig(workdir, sim, proxies, nginx, ports, gen, parent, profile=args.profile)
+    return Rig(workdir, sim, proxies, nginx, litellm, ports, gen, parent, profile=args.profile)
 
 
 def teardown(rig: Rig) -> None:
@@ -200,7 +224,7 @@ def teardown(rig: Rig) -> None:
         pass
     if rig.gen.is_alive():
         rig.gen.terminate()
-    for child in [rig.nginx, *rig.proxies.values(), rig.sim]:
+    for child in [rig.litellm, rig.nginx, *rig.proxies.values(), rig.sim]:
         if child is not None:
             child.stop()
 
@@ -223,32 +247,33 @@ def other_load(usages: list[Usage]) -> str:
 def added_table(
     rig: Rig, per: dict[str, dict[str, list[float]]], added: dict[str, dict[str, list[float]]], rows: list[tuple[str, str, str]]
 ) -> list[str]:
-    """Rows (label, key, fmt): a column per target, then 'added' per proxy for keys in `added`."""
-    targets = ["direct", *rig.proxied]
+    """Rows (label, key, fmt): a column per target, then 'added' per proxy (ours and peers) for keys in `added`."""
+    others = [t for t in per if t != "direct"]
+    targets = ["direct", *others]
     head = "| metric | " + " | ".join(_title(t) for t in targets)
-    head += "".join(f" | added by {_title(t)}" for t in rig.proxied) + " |"
-    lines = [head, "| --- |" + " ---: |" * (len(targets) + len(rig.proxied))]
+    head += "".join(f" | added by {_title(t)}" for t in others) + " |"
+    lines = [head, "| --- |" + " ---: |" * (len(targets) + len(others))]
     for label, key, fmt in rows:
         cells = [spread(per[t][key], fmt) for t in targets]
-        extra = [f"**{spread(added[t][key], '{:+' + fmt[2:])}**" if key in added[t] else "" for t in rig.proxied]
+        extra = [f"**{spread(added[t][key], '{:+' + fmt[2:])}**" if key in added.get(t, {}) else "" for t in others]
         lines.append(f"| {label} | " + " | ".join(cells + extra) + " |")
     return lines
 
 
 def _title(target: str) -> str:
-    return {"proxy": "proxy", "baseline": "baseline proxy", "direct": "direct"}.get(target, target)
+    return {"proxy": "proxy", "baseline": "baseline proxy", "direct": "direct", "litellm": "LiteLLM"}.get(target, target)
 
 
 # -- phases ---------------------------------------------------------------------------------
 
 
 def nonstream(rig: Rig, args: argparse.Namespace) -> list[str]:
-    targets = ["direct", *rig.proxied]
+    targets = ["direct", *rig.proxied, *rig.peers]
     keys = ("p50", "p90", "p99", "rate", "late99")
     per = {t: {k: [] for k in keys} for t in targets}
-    added = {t: {"p50": [], "p90": [], "p99": []} for t in rig.proxied}
+    added = {t: {"p50": [], "p90": [], "p99": []} for t in rig.proxied + rig.peers}
     usages: dict[str, list[Usage]] = {t: [] for t in targets}
-    conns: dict[str, list[str]] = {t: [] for t in rig.proxied}
+    conns: dict[str, list[str]] = {t: [] for t in rig.proxied + rig.peers}
     errors = 0
     for rep in range(args.reps):
         for target in order(targets, rep):
@@ -262,7 +287,7 @@ def nonstream(rig: Rig, args: argparse.Namespace) -> list[str]:
             usages[target].append(usage)
             if target in conns:
                 conns[target].append(f"{usage.opened[target]} opened/{usage.held[target]} held")
-        for t in rig.proxied:
+        for t in rig.proxied + rig.peers:
             for k in added[t]:
                 added[t][k].append(per[t][k][-1] - per["direct"][k][-1])
     lines = [
@@ -282,14 +307,29 @@ def nonstream(rig: Rig, args: argparse.Namespace) -> list[str]:
         "",
         f"Errors: {errors}. Upstream connections per phase ({int(args.rate * args.seconds)} requests each; "
         "sampled every 0.1 s; one is the meter's /metrics scrape): "
-        + "; ".join(f"{_title(t)} {', '.join(conns[t])}" for t in rig.proxied) + ".",
+        + "; ".join(f"{_title(t)} {', '.join(conns[t])}" for t in rig.proxied + rig.peers) + ".",
         "",
     ]
+    for peer in rig.peers:
+        for t in rig.proxied:
+            ratio = {k: [a / b if b > 0 else float("nan") for a, b in zip(added[peer][k], added[t][k])] for k in ("p50", "p99")}
+            lines.append(
+                f"{_title(peer)} adds **{spread(ratio['p50'], '{:.1f}')}x** the {_title(t)}'s p50 latency and "
+                f"**{spread(ratio['p99'], '{:.1f}')}x** its p99 (per repetition, added over added); {_title(peer)} "
+                f"achieved {spread(per[peer]['rate'], '{:.0f}')} of {args.rate:g} req/s asked.  "
+            )
+        if median(per[peer]["rate"]) < 0.95 * args.rate:
+            lines.append(
+                f"{_title(peer)} could not keep up with {args.rate:g} req/s: its latency above is mostly queueing. "
+                "For a like-for-like latency comparison rerun with --rate below its saturation peak.  "
+            )
+    if rig.peers:
+        lines.append("")
     return lines
 
 
 def _usage_rows(rig: Rig, usages: dict[str, list[Usage]], targets: list[str]) -> list[str]:
-    pad = " |" * (1 + len(rig.proxied))
+    pad = " |" * (len(targets))
     return [
         "| CPU % of a core: generator / sim / proxy | " + " | ".join(cpu_cell(usages[t], rig, t) for t in targets) + pad,
         "| other load on the machine (cores) | " + " | ".join(other_load(usages[t]) for t in targets) + pad,
@@ -368,11 +408,11 @@ def streaming(rig: Rig, args: argparse.Namespace) -> list[str]:
 
 
 def saturation(rig: Rig, args: argparse.Namespace) -> list[str]:
-    targets = ["direct", *rig.proxied] + (["nginx"] if rig.nginx is not None else [])
+    targets = ["direct", *rig.proxied] + (["nginx"] if rig.nginx is not None else []) + rig.peers
     rates: dict[str, list[float]] = {t: [] for t in targets}
     p50: dict[str, list[float]] = {t: [] for t in targets}
     usages: dict[str, list[Usage]] = {t: [] for t in targets}
-    ratios: dict[str, dict[str, list[float]]] = {t: {"direct": [], "nginx": []} for t in rig.proxied}
+    ratios: dict[str, dict[str, list[float]]] = {t: {"direct": [], "nginx": [], "litellm": []} for t in rig.proxied}
     errors = 0
     for rep in range(args.sat_reps):
         for target in order(targets, rep):
@@ -383,9 +423,9 @@ def saturation(rig: Rig, args: argparse.Namespace) -> list[str]:
             p50[target].append(percentile(result["latencies"], 50) * MS)
             usages[target].append(usage)
         for t in rig.proxied:
-            for ref in ("direct", "nginx"):
-                if ref in rates:
-                    ratios[t][ref].append(100.0 * rates[t][-1] / rates[ref][-1])
+            for ref in ("direct", "nginx", "litellm"):
+                if ref in rates and rates[ref][-1] > 0:
+                    ratios[t][ref].append((1.0 if ref == "litellm" else 100.0) * rates[t][-1] / rates[ref][-1])
     lines = [
         f"### Saturation: closed loop, {args.concurrency} workers, {args.sat_seconds:g} s x {args.sat_reps} rep(s) per target",
         "",
@@ -401,6 +441,9 @@ def saturation(rig: Rig, args: argparse.Namespace) -> list[str]:
     for t in rig.proxied:
         text = f"{_title(t).capitalize()} peak = **{spread(ratios[t]['direct'], '{:.0f}')} %** of direct"
         text += f", **{spread(ratios[t]['nginx'], '{:.0f}')} %** of nginx." if ratios[t]["nginx"] else " (nginx not installed: no reference)."
+        if ratios[t]["litellm"]:
+            goal = "met" if median(ratios[t]["litellm"]) >= 5.0 else "NOT met"
+            text += f" **{spread(ratios[t]['litellm'], '{:.1f}')}x** LiteLLM's peak (issue #8 goal >= 5x: {goal})."
         lines.append(text + "  ")
     lines += [
         f"Errors: {errors}. Other load on the machine: {other_load([u for t in targets for u in usages[t]])} cores.",
@@ -433,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
                 "receipts: :memory:; load generator: aiohttp + uvloop in its own process.",
                 "",
             ]
+            if rig.litellm is None:
+                out += ["LiteLLM peer: skipped (give --litellm PATH, the `litellm` script of a separate venv with "
+                        "litellm[proxy]).", ""]  # fmt: skip
             if not args.skip_nonstream:
                 out += nonstream(rig, args)
             if not args.skip_streams:
