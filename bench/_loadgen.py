@@ -193,7 +193,107 @@ async def closed_loop(conn: Any, base: str, concurrency: int, seconds: float, ma
     return {"latencies": latencies, "errors": errors, "elapsed": elapsed}
 
 
-JOBS = {"open_loop": open_loop, "streams": streams, "closed_loop": closed_loop}
+async def mixed(
+    conn: Any,
+    base: str,
+    seconds: float,
+    rate: float = 50.0,
+    report_every: float = 5.0,
+    stream_share: float = 0.3,
+    disconnect_share: float = 0.1,
+    stream_tokens: int = 20,
+    max_in_flight: int = 512,
+    seed: int = 1,
+) -> dict[str, Any]:
+    """A steady mixed load for a soak: requests started at `rate`/s for `seconds`, each one
+    of: non-streaming (max_tokens=1), a full stream of `stream_tokens` tokens, or a client
+    disconnect (half: a stream dropped after its first token, half: a non-streaming request
+    for `stream_tokens` tokens dropped before the answer). Sends ("progress", counts) every
+    `report_every` seconds so the orchestrator samples /proc in step; at most
+    `max_in_flight` requests at once (a start is skipped, and counted, beyond that)."""
+    import random
+
+    rng = random.Random(seed)
+    url = base + CHAT_PATH
+    short = chat_body(1, stream=False)
+    stream_body = chat_body(stream_tokens, stream=True)
+    long_body = chat_body(stream_tokens, stream=False)
+    counts = {"nonstream": 0, "stream": 0, "drop_stream": 0, "drop_wait": 0, "errors": 0, "skipped": 0}
+
+    async def nonstream(session: aiohttp.ClientSession) -> None:
+        status = await _post(session, url, short)
+        counts["nonstream" if status == 200 else "errors"] += 1
+
+    async def stream(session: aiohttp.ClientSession) -> None:
+        async with session.post(url, data=stream_body, headers=HEADERS) as response:
+            ok = response.status == 200
+            tokens = 0
+            async for chunk in response.content.iter_any():
+                tokens += chunk.count(TOKEN_MARK)
+        counts["stream" if ok and tokens else "errors"] += 1
+
+    async def drop_stream(session: aiohttp.ClientSession) -> None:
+        async with session.post(url, data=stream_body, headers=HEADERS) as response:
+            if response.status != 200:
+                counts["errors"] += 1
+                return
+            async for chunk in response.content.iter_any():
+                if TOKEN_MARK in chunk:
+                    break
+            response.close()  # drop the connection mid-stream, as a client that went away
+        counts["drop_stream"] += 1
+
+    async def drop_wait(session: aiohttp.ClientSession) -> None:
+        # The sim needs stream_tokens decode steps for this answer: gone well before it.
+        try:
+            await asyncio.wait_for(_post(session, url, long_body), timeout=0.1)
+        except asyncio.TimeoutError:
+            counts["drop_wait"] += 1
+            return
+        counts["nonstream"] += 1
+
+    kinds = [nonstream, stream, drop_stream, drop_wait]
+    weights = [1.0 - stream_share - disconnect_share, stream_share, disconnect_share / 2, disconnect_share / 2]
+
+    async with _session(limit=0) as session:
+        pending: set[asyncio.Task[None]] = set()
+
+        async def one(kind: Any) -> None:
+            try:
+                await kind(session)
+            except Exception:
+                counts["errors"] += 1
+
+        start = time.perf_counter()
+        conn.send(("started", start))
+        interval = 1.0 / rate
+        next_report = start + report_every
+        i = 0
+        while True:
+            now = time.perf_counter()
+            if now >= next_report:
+                conn.send(("progress", {"t": now - start, "in_flight": len(pending), **counts}))
+                next_report += report_every
+            if now - start >= seconds:
+                break
+            scheduled = start + i * interval
+            if scheduled > now:
+                await asyncio.sleep(min(scheduled - now, max(0.0, next_report - now)))
+                continue
+            i += 1
+            if len(pending) >= max_in_flight:
+                counts["skipped"] += 1
+                continue
+            task = asyncio.ensure_future(one(rng.choices(kinds, weights)[0]))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.wait(pending, timeout=30)
+        elapsed = time.perf_counter() - start
+    return {**counts, "elapsed": elapsed}
+
+
+JOBS = {"open_loop": open_loop, "streams": streams, "closed_loop": closed_loop, "mixed": mixed}
 
 
 def serve(conn: Any) -> None:
