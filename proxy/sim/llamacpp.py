@@ -15,7 +15,7 @@ from aiohttp import web
 
 from proxy.sim.engine import SimSequence, plan_output
 from proxy.sim.state import SIM_STATE, connection_watch
-from proxy.sim.streaming import BodyWriter, bad_request, end_stream, json_response, read_json, send_now, start_stream
+from proxy.sim.streaming import BodyWriter, bad_request, json_response, read_json, send_now, start_stream
 from proxy.sim.text import count_text_tokens, natural_length, text_seed, token_json
 
 SLOT_ID = 0
@@ -107,14 +107,9 @@ async def completion(request: web.Request) -> web.StreamResponse:
         if body.get("stream") is True:
             response, writer = await start_stream(request, "text/event-stream", ticket.request_id)
             seq.sink = LlamaCppStreamSink(writer, model, prompt_text, n_predict, prompt_tokens)
-        await state.scheduler.generate(seq)
-        ticket.prompt_tokens, ticket.completion_tokens = seq.prompt_tokens, seq.generated_tokens
-        if seq.cancelled:
-            ticket.outcome = "cancelled"
-            return response or web.Response(status=499)
-        if response is not None:
-            await end_stream(response)
-            return response
+        finished = await state.generate(ticket, seq, response)
+        if finished is not None:
+            return finished
         return await send_now(request, json_response(final_body(seq, model, prompt_text, n_predict, seq.text),
                                                      ticket.request_id))
 

@@ -10,7 +10,7 @@ from aiohttp import web
 from proxy.sim.engine import SimSequence, plan_output
 from proxy.sim.state import SIM_STATE, connection_watch
 from proxy.sim.streaming import (
-    BodyWriter, bad_request, end_stream, iso_now, json_response, nanoseconds, read_json, send_now, start_stream,
+    BodyWriter, bad_request, iso_now, json_response, nanoseconds, read_json, send_now, start_stream,
 )  # fmt: skip
 from proxy.sim.text import TOKEN_ID_BASE, count_chat_tokens, count_text_tokens, natural_length, text_seed, token_json
 
@@ -120,14 +120,9 @@ async def _serve(request: web.Request, body: dict[str, Any], *, chat: bool, prom
         if stream:
             response, writer = await start_stream(request, "application/x-ndjson", ticket.request_id)
             seq.sink = OllamaStreamSink(writer, model, chat)
-        await state.scheduler.generate(seq)
-        ticket.prompt_tokens, ticket.completion_tokens = seq.prompt_tokens, seq.generated_tokens
-        if seq.cancelled:
-            ticket.outcome = "cancelled"
-            return response or web.Response(status=499)
-        if response is not None:
-            await end_stream(response)
-            return response
+        finished = await state.generate(ticket, seq, response)
+        if finished is not None:
+            return finished
         return await send_now(request, json_response(final_fields(seq, model, chat, seq.text), ticket.request_id))
 
 

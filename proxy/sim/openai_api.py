@@ -15,7 +15,7 @@ from proxy.sim.engine import SimSequence, plan_output
 from proxy.sim.openai_stream import OpenAIStreamSink, ResponseHead, complete_body
 from proxy.sim.state import SIM_STATE, SimState, connection_watch
 from proxy.sim.streaming import (
-    bad_request, end_stream, json_response, optional_int, read_json, send_now, start_stream,
+    bad_request, json_response, optional_int, read_json, send_now, start_stream,
 )  # fmt: skip
 from proxy.sim.text import WordStream, count_chat_tokens, count_text_tokens, natural_length, text_seed
 
@@ -96,14 +96,9 @@ async def _serve_text(
         if stream:
             response, writer = await start_stream(request, "text/event-stream; charset=utf-8", ticket.request_id)
             seq.sink = OpenAIStreamSink(writer, head, include_usage)
-        await state.scheduler.generate(seq)
-        ticket.prompt_tokens, ticket.completion_tokens = seq.prompt_tokens, seq.generated_tokens
-        if seq.cancelled:
-            ticket.outcome = "cancelled"
-            return response or web.Response(status=499)
-        if response is not None:
-            await end_stream(response)
-            return response
+        finished = await state.generate(ticket, seq, response)
+        if finished is not None:
+            return finished
         return await send_now(request, json_response(complete_body(head, seq), ticket.request_id))
 
 

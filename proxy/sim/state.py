@@ -15,7 +15,9 @@ from aiohttp import web
 from proxy.sim.config import SimModelConfig
 from proxy.sim.diffusion_runner import DiffusionRunner
 from proxy.sim.gpu import SimGpu
+from proxy.sim.engine import SimSequence
 from proxy.sim.scheduler import Scheduler
+from proxy.sim.streaming import end_stream
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
@@ -105,6 +107,22 @@ class SimState:
             stats.prompt_tokens += ticket.prompt_tokens
             stats.completion_tokens += ticket.completion_tokens
             stats.images += ticket.images
+
+    async def generate(
+        self, ticket: RequestTicket, seq: SimSequence, stream: web.StreamResponse | None
+    ) -> web.StreamResponse | None:
+        """Run `seq` through the scheduler and book its tokens on the ticket. Returns the
+        finished response for a stream or a cancelled request; None when the caller
+        still has to send its non-streaming body."""
+        await self.scheduler.generate(seq)
+        ticket.prompt_tokens, ticket.completion_tokens = seq.prompt_tokens, seq.generated_tokens
+        if seq.cancelled:
+            ticket.outcome = "cancelled"
+            return stream or web.Response(status=499)
+        if stream is not None:
+            await end_stream(stream)
+            return stream
+        return None
 
 
 def connection_watch(request: web.Request) -> Callable[[], bool]:

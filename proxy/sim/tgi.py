@@ -15,7 +15,7 @@ from aiohttp import web
 
 from proxy.sim.engine import SimSequence, plan_output
 from proxy.sim.state import SIM_STATE, SimState, connection_watch
-from proxy.sim.streaming import BodyWriter, bad_request, end_stream, json_response, read_json, send_now, start_stream
+from proxy.sim.streaming import BodyWriter, bad_request, json_response, read_json, send_now, start_stream
 from proxy.sim.text import (
     FIRST_TOKEN_TEXT, TOKEN_ID_BASE, TOKEN_TEXT, VOCABULARY_SIZE, count_text_tokens, natural_length, text_seed,
 )  # fmt: skip
@@ -115,14 +115,9 @@ async def _serve(request: web.Request, *, stream: bool) -> web.StreamResponse:
                        "X-Accel-Buffering": "no"}
             response, writer = await start_stream(request, "text/event-stream", ticket.request_id, headers)
             seq.sink = TgiStreamSink(writer, details, seed)
-        await state.scheduler.generate(seq)
-        ticket.prompt_tokens, ticket.completion_tokens = seq.prompt_tokens, seq.generated_tokens
-        if seq.cancelled:
-            ticket.outcome = "cancelled"
-            return response or web.Response(status=499)
-        if response is not None:
-            await end_stream(response)
-            return response
+        finished = await state.generate(ticket, seq, response)
+        if finished is not None:
+            return finished
         result: dict[str, Any] = {"generated_text": seq.text}
         if details or input_details:
             prefill = []
