@@ -20,7 +20,7 @@ from proxy.budgets import REMAINING_HEADER, Budgets, format_grams
 from proxy.carbon.intensity import IntensityProvider
 from proxy.config import Config, UpstreamConfig
 from proxy.dialects import dialect_for
-from proxy.dialects.base import parse_json_request
+from proxy.dialects.base import parse_json_object
 from proxy.exchange import MeteredExchange, RequestMeta
 from proxy.forward import Forwarder, json_error
 from proxy.headers import request_id_from, upstream_request_headers
@@ -218,7 +218,7 @@ class ProxyServer:
         raw_body = body if isinstance(body, bytes) else None
         model = None
         if self.router.needs_model and raw_body is not None:
-            data = parse_json_request(raw_body)
+            data = parse_json_object(raw_body)
             model = data.get("model") if data is not None and isinstance(data.get("model"), str) else None
         upstream = self.router.route(path, model)
         if upstream is None:

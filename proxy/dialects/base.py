@@ -99,7 +99,8 @@ def decode_json_body(body: bytes, content_encoding: str | None) -> Any:
         return None
 
 
-def parse_json_request(body: bytes | None) -> dict[str, Any] | None:
+def parse_json_object(body: bytes | None) -> dict[str, Any] | None:
+    """A JSON object from a request body or an event, or None (not JSON, not an object)."""
     if not body:
         return None
     try:
@@ -135,7 +136,7 @@ class Dialect:
     name = "generic"
 
     def inspect_request(self, method: str, path: str, body: bytes | None) -> RequestInfo:
-        data = parse_json_request(body)
+        data = parse_json_object(body)
         info = RequestInfo(body=body)
         if data is not None:
             model = data.get("model")

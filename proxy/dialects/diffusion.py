@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.dialects.base import Dialect, RequestInfo, ResponseReader, TokenTick, as_int, parse_json_request
+from proxy.dialects.base import Dialect, RequestInfo, ResponseReader, TokenTick, as_int, parse_json_object
 
 _MEGAPIXEL = 1024 * 1024
 DEFAULT_STEPS_A1111 = 20  # AUTOMATIC1111's default
@@ -51,7 +51,7 @@ class DiffusionDialect(Dialect):
 
     def inspect_request(self, method: str, path: str, body: bytes | None) -> RequestInfo:
         info = super().inspect_request(method, path, body)
-        data = parse_json_request(body)
+        data = parse_json_object(body)
         if data is None:
             return info
         if "/sdapi/" in path:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 
-from proxy.dialects.base import Dialect, RequestInfo, ResponseReader, TokenTick, as_int, estimate_tokens_from_text, parse_json_request
+from proxy.dialects.base import Dialect, RequestInfo, ResponseReader, TokenTick, as_int, estimate_tokens_from_text, parse_json_object
 from proxy.dialects.framing import NdjsonReader, SseReader
 
 _NS_PER_S = 1e9
@@ -37,11 +36,8 @@ class TgiSseReader(SseReader):
 
     def on_data(self, data: bytes, now: float) -> None:
         if b'"details":{' in data:
-            try:
-                parsed = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                parsed = None
-            if isinstance(parsed, dict):
+            parsed = parse_json_object(data)
+            if parsed is not None:
                 _read_tgi(self.work, parsed)
         super().on_data(data, now)
 
@@ -100,7 +96,7 @@ class OllamaDialect(Dialect):
 
     def inspect_request(self, method: str, path: str, body: bytes | None) -> RequestInfo:
         info = super().inspect_request(method, path, body)
-        data = parse_json_request(body)
+        data = parse_json_object(body)
         # Ollama streams unless told otherwise.
         info.stream = data is not None and data.get("stream", True) is not False and path.startswith("/api/")
         info.prompt_tokens_estimate = estimate_tokens_from_text(len(body or b""))
@@ -138,11 +134,8 @@ class LlamaCppSseReader(SseReader):
 
     def on_data(self, data: bytes, now: float) -> None:
         if b'"stop":true' in data or b'"timings":{' in data:
-            try:
-                parsed = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                parsed = None
-            if isinstance(parsed, dict) and parsed.get("stop") is True:
+            parsed = parse_json_object(data)
+            if parsed is not None and parsed.get("stop") is True:
                 _read_llamacpp(self.work, parsed)
                 return  # the final event carries no new token
         super().on_data(data, now)

@@ -18,7 +18,7 @@ from proxy.dialects.base import (
     TokenTick,
     as_int,
     estimate_tokens_from_text,
-    parse_json_request,
+    parse_json_object,
 )
 from proxy.dialects.framing import SseReader, event_data
 
@@ -131,7 +131,7 @@ class OpenAIDialect(Dialect):
     name = "openai"
 
     def inspect_request(self, method: str, path: str, body: bytes | None) -> RequestInfo:
-        data = parse_json_request(body)
+        data = parse_json_object(body)
         info = RequestInfo(body=body)
         if data is None:
             return info

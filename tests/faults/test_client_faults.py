@@ -13,7 +13,6 @@ import asyncio
 import random
 import time
 
-import aiohttp
 from aiohttp import web
 from helpers import start_upstream
 

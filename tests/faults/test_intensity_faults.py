@@ -7,7 +7,6 @@ then the table, and the basis says so; startup and shutdown are bounded.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import datetime, timezone
 

@@ -20,7 +20,7 @@ from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from proxy.build import build_embodied_rates, build_intensity, build_meter
-from proxy.config import DIALECTS, METERS, Config, config_from_dict, load_config
+from proxy.config import DIALECTS, Config, config_from_dict, load_config
 from proxy.errors import ConfigError
 from proxy.tenants import Tenancy
 
