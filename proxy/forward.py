@@ -9,6 +9,7 @@ clean JSON errors.
 from __future__ import annotations
 
 import asyncio
+import functools
 import enum
 import logging
 from typing import AsyncIterator, Mapping, Protocol
@@ -120,25 +121,18 @@ class _Watchdog:
             self._closed = None
 
 
+@functools.lru_cache(maxsize=256)
+def _client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
+    """One ClientTimeout per upstream's settings (Timeouts is frozen), not one per request."""
+    return aiohttp.ClientTimeout(total=None, connect=timeouts.connect_seconds, sock_connect=timeouts.connect_seconds)
+
+
 class Forwarder:
     """Pooled keep-alive client to upstreams, shared by all requests."""
 
     def __init__(self, *, max_buffer_bytes: int) -> None:
         self._max_buffer_bytes = max_buffer_bytes
         self._session: aiohttp.ClientSession | None = None
-        self._client_timeouts: dict[int, tuple[Timeouts, aiohttp.ClientTimeout]] = {}
-
-    def _client_timeout(self, timeouts: Timeouts) -> aiohttp.ClientTimeout:
-        """One ClientTimeout per upstream's settings, not one per request (keyed by
-        identity: hashing the dataclass costs more than building the timeout)."""
-        cached = self._client_timeouts.get(id(timeouts))
-        if cached is not None and cached[0] is timeouts:
-            return cached[1]
-        timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.connect_seconds, sock_connect=timeouts.connect_seconds)
-        if len(self._client_timeouts) > 1024:  # upstreams are few; never grow without bound
-            self._client_timeouts.clear()
-        self._client_timeouts[id(timeouts)] = (timeouts, timeout)
-        return timeout
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, enable_cleanup_closed=True)
@@ -163,7 +157,7 @@ class Forwarder:
         extra_headers: Mapping[str, str],
     ) -> web.StreamResponse:
         assert self._session is not None, "Forwarder.start() was not awaited"
-        timeout = self._client_timeout(timeouts)
+        timeout = _client_timeout(timeouts)
         upstream: aiohttp.ClientResponse | None = None
         try:
             try:
