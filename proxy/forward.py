@@ -9,7 +9,6 @@ clean JSON errors.
 from __future__ import annotations
 
 import asyncio
-import functools
 import enum
 import logging
 from typing import AsyncIterator, Mapping, Protocol
@@ -17,12 +16,12 @@ from typing import AsyncIterator, Mapping, Protocol
 import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.streams import EofStream
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import Timeouts
 from proxy.headers import client_response_headers
+from proxy.transport import Connection, ConnectFailed, FirstByteTimeout, IdleTimeout, Pool, TransportError
 
 log = logging.getLogger("carbon_proxy.forward")
 
@@ -71,39 +70,14 @@ def json_error(status: int, kind: str, message: str, headers: Mapping[str, str] 
 class _Watchdog:
     """Idle timeout without a timer per chunk: chunks only stamp a time; one timer re-arms."""
 
-    def __init__(self, timeout_seconds: float, on_expire: "asyncio.Future[None] | None" = None) -> None:
+    def __init__(self, timeout_seconds: float, conn: Connection) -> None:
         self._loop = asyncio.get_running_loop()
         self.clock = self._loop.time
         self._timeout = timeout_seconds
+        self._conn = conn
         self.last = self._loop.time()
         self.expired = False
-        self._response: aiohttp.ClientResponse | None = None
-        self._closed: "asyncio.Future[None] | None" = None
         self._handle = self._loop.call_at(self.last + timeout_seconds, self._check)
-
-    def watch(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-        # aiohttp's C parser drops the payload of a body it cannot parse (a garbage chunk
-        # header): the read would then wait for the idle timeout although the upstream
-        # connection is gone. End it when the connection closes.
-        connection = response.connection
-        protocol = connection.protocol if connection is not None else None
-        if protocol is not None:
-            closed = protocol.closed
-            if closed is None:  # already lost
-                self._connection_closed(None)
-            else:
-                self._closed = closed
-                closed.add_done_callback(self._connection_closed)
-
-    def _connection_closed(self, _: object) -> None:
-        response = self._response
-        if response is not None and not response.content.is_eof():
-            response.content.set_exception(aiohttp.ClientPayloadError("upstream connection closed mid-response"))
-
-    def touch(self) -> None:
-        """A chunk arrived (hot loops may store `last = clock()` themselves)."""
-        self.last = self._loop.time()
 
     def _check(self) -> None:
         due = self.last + self._timeout
@@ -111,39 +85,24 @@ class _Watchdog:
             self._handle = self._loop.call_at(due, self._check)
             return
         self.expired = True
-        if self._response is not None:
-            self._response.close()  # the pending read then fails and the exchange ends
+        self._conn.abort(IdleTimeout(f"upstream went silent for {self._timeout:g} s"))
 
     def cancel(self) -> None:
         self._handle.cancel()
-        if self._closed is not None:  # pooled connections outlive the request
-            self._closed.remove_done_callback(self._connection_closed)
-            self._closed = None
-
-
-@functools.lru_cache(maxsize=256)
-def _client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
-    """One ClientTimeout per upstream's settings (Timeouts is frozen), not one per request."""
-    return aiohttp.ClientTimeout(total=None, connect=timeouts.connect_seconds, sock_connect=timeouts.connect_seconds)
 
 
 class Forwarder:
-    """Pooled keep-alive client to upstreams, shared by all requests."""
+    """Forwards requests over a keep-alive pool of upstream connections."""
 
     def __init__(self, *, max_buffer_bytes: int) -> None:
         self._max_buffer_bytes = max_buffer_bytes
-        self._session: aiohttp.ClientSession | None = None
+        self.pool = Pool()
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, enable_cleanup_closed=True)
-        # auto_decompress=False: bytes pass through exactly as the upstream encoded them.
-        self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"), cookie_jar=aiohttp.DummyCookieJar()
-        )
+        pass
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.pool.close()
 
     async def forward(
         self,
@@ -156,23 +115,23 @@ class Forwarder:
         exchange: Exchange,
         extra_headers: Mapping[str, str],
     ) -> web.StreamResponse:
-        assert self._session is not None, "Forwarder.start() was not awaited"
-        timeout = _client_timeout(timeouts)
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: Connection | None = None
         try:
             try:
-                async with asyncio.timeout(timeouts.first_byte_seconds):
-                    upstream = await self._session.request(
-                        request.method, url, headers=headers, data=body, timeout=timeout, allow_redirects=False, compress=None
-                    )
-            except TimeoutError:
+                upstream = await self.pool.request(
+                    request.method,
+                    url,
+                    headers,
+                    body,
+                    connect_timeout_seconds=timeouts.connect_seconds,
+                    first_byte_timeout_seconds=timeouts.first_byte_seconds,
+                )
+            except FirstByteTimeout:
                 raise UpstreamError(504, "upstream_timeout", f"upstream sent no response within {timeouts.first_byte_seconds:g} s")
-            except aiohttp.ClientConnectorError as exc:
-                raise UpstreamError(502, "upstream_unreachable", f"cannot connect to upstream: {exc.strerror or exc}")
-            except aiohttp.ServerTimeoutError:
-                raise UpstreamError(504, "upstream_timeout", "timed out connecting to upstream")
-            except aiohttp.ClientError as exc:
-                raise UpstreamError(502, "upstream_error", f"upstream failed before responding: {type(exc).__name__}")
+            except ConnectFailed as exc:
+                raise UpstreamError(502, "upstream_unreachable", f"cannot connect to upstream: {exc}")
+            except TransportError as exc:
+                raise UpstreamError(502, "upstream_error", f"upstream failed before responding: {exc}")
 
             mode = exchange.response_started(upstream.status, upstream.headers)
             length = upstream.content_length
@@ -187,58 +146,57 @@ class Forwarder:
             raise
         finally:
             if upstream is not None:
-                upstream.close()
+                self.pool.release(upstream)
 
     async def _buffered(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: Connection,
         timeouts: Timeouts,
         exchange: Exchange,
         extra_headers: Mapping[str, str],
     ) -> web.StreamResponse:
-        content = upstream.content
-        if content.is_eof() and content.exception() is None:
-            # The whole body came with the headers (small answers do): nothing can stall,
+        if upstream.complete:
+            # The whole body came with the head (small answers do): nothing can stall,
             # so no idle watchdog (a timer per request) is needed to read it.
-            body = content.read_nowait()
+            body = upstream.read_nowait()
             if len(body) > self._max_buffer_bytes:
                 return await self._streamed(request, upstream, timeouts, exchange, extra_headers, prefix=body)
             return await self._send_buffered(upstream, body, exchange, extra_headers)
         parts: list[bytes] = []
         size = 0
-        watchdog = _Watchdog(timeouts.idle_seconds)
-        watchdog.watch(upstream)
+        watchdog = _Watchdog(timeouts.idle_seconds, upstream)
+        read = upstream.read
         try:
-            async for chunk in upstream.content.iter_any():
-                watchdog.touch()
+            while chunk := await read():
+                watchdog.last = watchdog.clock()
                 parts.append(chunk)
                 size += len(chunk)
                 if size > self._max_buffer_bytes:
                     # Too large to hold: send what we have and stream the rest.
                     return await self._streamed(request, upstream, timeouts, exchange, extra_headers, prefix=b"".join(parts))
-        except aiohttp.ClientError:
-            if watchdog.expired:
-                raise UpstreamError(504, "upstream_timeout", f"upstream went silent for {timeouts.idle_seconds:g} s")
-            raise UpstreamError(502, "upstream_error", "upstream closed the connection mid-response")
+        except IdleTimeout as exc:
+            raise UpstreamError(504, "upstream_timeout", str(exc))
+        except TransportError as exc:
+            raise UpstreamError(502, "upstream_error", str(exc))
         finally:
             watchdog.cancel()
         return await self._send_buffered(upstream, b"".join(parts), exchange, extra_headers)
 
     @staticmethod
     async def _send_buffered(
-        upstream: aiohttp.ClientResponse, body: bytes, exchange: Exchange, extra_headers: Mapping[str, str]
+        upstream: Connection, body: bytes, exchange: Exchange, extra_headers: Mapping[str, str]
     ) -> web.StreamResponse:
         figures = await exchange.complete(body)
         headers = client_response_headers(upstream.headers, reframed=True)
         headers.update(extra_headers)
         headers.update(figures)
-        return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+        return web.Response(status=upstream.status, reason=upstream.reason or None, body=body, headers=headers)
 
     async def _streamed(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: Connection,
         timeouts: Timeouts,
         exchange: Exchange,
         extra_headers: Mapping[str, str],
@@ -247,33 +205,25 @@ class Forwarder:
         # The proxy may append figures, so it frames the body itself (chunked).
         headers = client_response_headers(upstream.headers, reframed=True)
         headers.update(extra_headers)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None, headers=headers)
         if request.version >= aiohttp.HttpVersion11:
             response.enable_chunked_encoding()
         await response.prepare(request)
-        watchdog = _Watchdog(timeouts.idle_seconds)
-        watchdog.watch(upstream)
-        # Per chunk (the hot loop of every stream): bound methods, no iterator object in
-        # between (readany is what iter_any calls), and the watchdog stamp inlined.
+        watchdog = _Watchdog(timeouts.idle_seconds, upstream)
+        # Per chunk (the hot loop of every stream): bound methods and the watchdog stamp inlined.
         feed = exchange.feed
         write = response.write
-        read = upstream.content.readany
+        read = upstream.read
         clock = watchdog.clock
         try:
             if prefix:
                 await write(feed(prefix))
-            while True:
-                try:
-                    chunk = await read()
-                except EofStream:
-                    break
-                if not chunk:
-                    break
+            while chunk := await read():
                 watchdog.last = clock()
                 out = feed(chunk)
                 if out:
                     await write(out)
-        except aiohttp.ClientError:
+        except TransportError:
             # Headers are gone already: cut the connection so the client sees a broken
             # stream rather than a clean end that would pass for a complete answer.
             exchange.failed("upstream_timeout" if watchdog.expired else "upstream_broken")

@@ -1,0 +1,9 @@
+"""HTTP/1.1 to upstreams: a keep-alive pool and one lean connection protocol.
+
+Bytes only: no energy, no dialects. `proxy.forward` drives it.
+"""
+
+from proxy.transport.connection import Connection, ConnectFailed, FirstByteTimeout, IdleTimeout, TransportError
+from proxy.transport.pool import Pool
+
+__all__ = ["Connection", "ConnectFailed", "FirstByteTimeout", "IdleTimeout", "Pool", "TransportError"]

@@ -1,0 +1,186 @@
+"""Keep-alive connections to upstreams, and one request/response exchange over them."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import AsyncIterator
+
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.transport.connection import Connection, ConnectFailed, FirstByteTimeout, TransportError
+
+Origin = tuple[str, str, int]
+
+IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
+"""RFC 9110 9.2.2: requests a client may send again when a reused connection turns out
+to have been closed by the server before it answered (RFC 9112 9.3.1)."""
+
+_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
+
+
+def request_head(method: str, target: str, host: str, headers: CIMultiDict[str], body: object) -> bytes:
+    """The request line and headers. `headers` is already free of hop-by-hop and framing
+    headers (proxy.headers); the transport adds its own framing and Host."""
+    parts = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    for name, value in headers.items():
+        parts.append(f"{name}: {value}\r\n")
+    if isinstance(body, bytes):
+        parts.append(f"Content-Length: {len(body)}\r\n\r\n")
+    elif body is None:
+        parts.append("Content-Length: 0\r\n\r\n" if method in _BODY_METHODS else "\r\n")
+    else:
+        parts.append("Transfer-Encoding: chunked\r\n\r\n")
+    # aiohttp's server decodes header bytes as UTF-8 with surrogateescape: this gives
+    # back the bytes the client sent.
+    return "".join(parts).encode("utf-8", "surrogateescape")
+
+
+def host_header(url: URL) -> str:
+    host = url.raw_host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = url.explicit_port
+    return host if port is None else f"{host}:{port}"
+
+
+class Pool:
+    """Idle connections per upstream origin, newest first; idle ones are closed after
+    `keepalive_seconds` (below the 60 s most servers allow, above uvicorn's 5 s is
+    harmless: a server-closed connection is noticed and dropped before reuse)."""
+
+    def __init__(self, *, keepalive_seconds: float = 30.0) -> None:
+        self._keepalive_seconds = keepalive_seconds
+        self._idle: dict[Origin, list[Connection]] = {}
+        self._idle_of: dict[Connection, Origin] = {}
+        self._open: set[Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self.opened_total = 0
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterator[bytes] | None,
+        *,
+        connect_timeout_seconds: float,
+        first_byte_timeout_seconds: float,
+    ) -> Connection:
+        """Send the request; return the connection once the response head is in. The
+        caller reads the body from it and must hand it back with `release`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + first_byte_timeout_seconds
+        origin: Origin = (url.scheme, url.raw_host or "", url.port or (443 if url.scheme == "https" else 80))
+        if "Expect" in headers:  # the body follows at once; no 100-continue handshake
+            headers = headers.copy()
+            del headers["Expect"]
+        head = request_head(method, url.raw_path_qs, host_header(url), headers, body)
+        replayable = method in IDEMPOTENT_METHODS and not (body is not None and not isinstance(body, bytes))
+        while True:
+            conn = await self._acquire(origin, min(connect_timeout_seconds, max(0.0, deadline - loop.time())), deadline)
+            conn.begin(head_only=method == "HEAD")
+            conn.send(head, body)
+            timer = loop.call_at(deadline, conn.abort, FirstByteTimeout(f"no response within {first_byte_timeout_seconds:g} s"))
+            try:
+                await conn.response_head()
+                return conn
+            except TransportError as exc:
+                self.release(conn)
+                if exc.sent_nothing and replayable:
+                    replayable = False  # once: the next connection is a new one
+                    continue
+                raise
+            except BaseException:
+                self.release(conn)
+                raise
+            finally:
+                timer.cancel()
+
+    def release(self, conn: Connection) -> None:
+        """Take a connection back: pooled when its exchange ended cleanly, else closed."""
+        conn.finish()
+        if not conn.reusable:
+            conn.close()
+            return
+        origin = conn.origin
+        conn.reused = True
+        conn.idle_since = asyncio.get_running_loop().time()
+        self._idle.setdefault(origin, []).append(conn)
+        self._idle_of[conn] = origin
+        if self._sweeper is None:
+            self._arm_sweeper()
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conn in list(self._open):
+            conn.close()
+        self._idle.clear()
+        self._idle_of.clear()
+        await asyncio.sleep(0)  # let the transports run connection_lost
+
+    # -- internals --------------------------------------------------------------------
+
+    async def _acquire(self, origin: Origin, connect_timeout_seconds: float, deadline: float) -> Connection:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            del self._idle_of[conn]
+            if not conn.lost and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return await self._connect(origin, connect_timeout_seconds, deadline)
+
+    async def _connect(self, origin: Origin, timeout_seconds: float, deadline: float) -> Connection:
+        scheme, host, port = origin
+        loop = asyncio.get_running_loop()
+        context = self._tls_context() if scheme == "https" else None
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                _, conn = await loop.create_connection(lambda: Connection(self._lost), host, port, ssl=context)
+        except TimeoutError:
+            if loop.time() >= deadline:
+                raise FirstByteTimeout("no response before the deadline (still connecting)")
+            raise ConnectFailed("timed out connecting") from None
+        except OSError as exc:
+            raise ConnectFailed(exc.strerror or str(exc) or type(exc).__name__) from None
+        conn.origin = origin
+        self._open.add(conn)
+        self.opened_total += 1
+        return conn
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    def _lost(self, conn: Connection) -> None:
+        self._open.discard(conn)
+        origin = self._idle_of.pop(conn, None)
+        if origin is not None:
+            idle = self._idle.get(origin)
+            if idle is not None and conn in idle:
+                idle.remove(conn)
+
+    def _arm_sweeper(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(self._keepalive_seconds / 2, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        cutoff = asyncio.get_running_loop().time() - self._keepalive_seconds
+        for idle in self._idle.values():
+            # Newest last: the stale ones are at the front.
+            while idle and idle[0].idle_since < cutoff:
+                conn = idle.pop(0)
+                self._idle_of.pop(conn, None)
+                conn.close()
+        if self._idle_of:
+            self._arm_sweeper()
