@@ -127,6 +127,11 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._complete:
+            # A message after the one asked for, in the same read (bytes past
+            # Content-Length): stop the parser before it overwrites this response's
+            # status and headers; data_received then drops the connection.
+            raise TransportError("upstream sent more than the response")
         self._raw_headers = []
 
     def on_status(self, reason: bytes) -> None:

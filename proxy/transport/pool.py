@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 from typing import AsyncIterator
 
@@ -45,6 +47,14 @@ def host_header(url: URL) -> str:
     return host if port is None else f"{host}:{port}"
 
 
+def _os_reason(exc: OSError) -> str:
+    """asyncio's loop words a refused connect "Connect call failed ('10.0.0.5', 8000)",
+    uvloop's "Connection refused": name the OS reason on both (DNS errors keep theirs)."""
+    if exc.errno is not None and exc.errno > 0 and not isinstance(exc, socket.gaierror):
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
 class Pool:
     """Idle connections per upstream origin, newest first; idle ones are closed after
     `keepalive_seconds` (below the 60 s most servers allow, above uvicorn's 5 s is
@@ -83,8 +93,9 @@ class Pool:
             del headers["Expect"]
         head = request_head(method, url.raw_path_qs, host_header(url), headers, body)
         replayable = method in IDEMPOTENT_METHODS and not (body is not None and not isinstance(body, bytes))
+        fresh = False
         while True:
-            conn = await self._acquire(origin, min(connect_timeout_seconds, max(0.0, deadline - loop.time())), deadline)
+            conn = await self._acquire(origin, min(connect_timeout_seconds, max(0.0, deadline - loop.time())), deadline, fresh)
             conn.begin(head_only=method == "HEAD")
             conn.send(head, body)
             timer = loop.call_at(deadline, conn.abort, FirstByteTimeout(f"no response within {first_byte_timeout_seconds:g} s"))
@@ -94,7 +105,8 @@ class Pool:
             except TransportError as exc:
                 self.release(conn)
                 if exc.sent_nothing and replayable:
-                    replayable = False  # once: the next connection is a new one
+                    replayable = False  # once, on a new connection: the other idle ones
+                    fresh = True  # may have been closed by the server just as well
                     continue
                 raise
             except BaseException:
@@ -129,8 +141,8 @@ class Pool:
 
     # -- internals --------------------------------------------------------------------
 
-    async def _acquire(self, origin: Origin, connect_timeout_seconds: float, deadline: float) -> Connection:
-        idle = self._idle.get(origin)
+    async def _acquire(self, origin: Origin, connect_timeout_seconds: float, deadline: float, fresh: bool = False) -> Connection:
+        idle = None if fresh else self._idle.get(origin)
         while idle:
             conn = idle.pop()
             del self._idle_of[conn]
@@ -150,7 +162,7 @@ class Pool:
                 raise FirstByteTimeout("no response before the deadline (still connecting)")
             raise ConnectFailed("timed out connecting") from None
         except OSError as exc:
-            raise ConnectFailed(exc.strerror or str(exc) or type(exc).__name__) from None
+            raise ConnectFailed(_os_reason(exc)) from None
         conn.origin = origin
         self._open.add(conn)
         self.opened_total += 1
