@@ -12,7 +12,6 @@ from typing import AsyncIterator, Callable
 
 import orjson
 from aiohttp import web
-from yarl import URL
 
 from proxy.accounting import Accountant, Figures, GroupPricing
 from proxy.attribution import AttributionEngine, RequestUsage
@@ -267,7 +266,6 @@ class ProxyServer:
             request_id=request_id,
             trust_forwarded=self.config.server.trust_forwarded,
         )
-        url = URL(upstream.url + request.raw_path, encoded=True)
         send_body = info.body if raw_body is not None else body
         for listener in self._forward_listeners:
             listener(exchange)
@@ -275,7 +273,8 @@ class ProxyServer:
         try:
             response = await self.forwarder.forward(
                 request,
-                url=url,
+                upstream_url=upstream.url,
+                target=request.raw_path,
                 headers=headers,
                 body=send_body,
                 timeouts=upstream.timeouts,

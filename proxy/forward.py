@@ -17,11 +17,10 @@ import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from proxy.config import Timeouts
 from proxy.headers import client_response_headers
-from proxy.transport import Connection, ConnectFailed, FirstByteTimeout, IdleTimeout, Pool, TransportError
+from proxy.transport import Connection, ConnectFailed, FirstByteTimeout, IdleTimeout, Pool, TransportError, origin_of
 
 log = logging.getLogger("carbon_proxy.forward")
 
@@ -108,7 +107,8 @@ class Forwarder:
         self,
         request: web.BaseRequest,
         *,
-        url: URL,
+        upstream_url: str,
+        target: str,
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
         timeouts: Timeouts,
@@ -120,7 +120,8 @@ class Forwarder:
             try:
                 upstream = await self.pool.request(
                     request.method,
-                    url,
+                    origin_of(upstream_url),
+                    target,
                     headers,
                     body,
                     connect_timeout_seconds=timeouts.connect_seconds,

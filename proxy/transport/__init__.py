@@ -4,6 +4,6 @@ Bytes only: no energy, no dialects. `proxy.forward` drives it.
 """
 
 from proxy.transport.connection import Connection, ConnectFailed, FirstByteTimeout, IdleTimeout, TransportError
-from proxy.transport.pool import Pool
+from proxy.transport.pool import Origin, Pool, origin_of
 
-__all__ = ["Connection", "ConnectFailed", "FirstByteTimeout", "IdleTimeout", "Pool", "TransportError"]
+__all__ = ["Connection", "ConnectFailed", "FirstByteTimeout", "IdleTimeout", "Origin", "Pool", "TransportError", "origin_of"]

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from proxy.transport.pool import Origin
 
 HIGH_WATER_BYTES = 256 * 1024
 """Reading from the upstream pauses while this much is received and not yet taken."""
@@ -69,7 +72,7 @@ class Connection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._writing_paused = False
         self._writer: asyncio.Task[None] | None = None
-        self.origin: tuple[str, str, int] = ("", "", 0)
+        self.origin: Origin | None = None  # set by the pool
         self.status = 0
         self.reason = ""
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())

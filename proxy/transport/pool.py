@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import ssl
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from multidict import CIMultiDict
@@ -13,7 +15,31 @@ from yarl import URL
 
 from proxy.transport.connection import Connection, ConnectFailed, FirstByteTimeout, TransportError
 
-Origin = tuple[str, str, int]
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Origin:
+    """Where an upstream lives, parsed once per configured URL rather than per request
+    (`origin_of` returns one shared instance per URL, so identity is equality)."""
+
+    scheme: str
+    host: str
+    port: int
+    host_header: str
+    base_path: str
+    """The URL's path (no trailing slash): request targets are appended to it."""
+
+
+@functools.lru_cache(maxsize=1024)
+def origin_of(url: str) -> Origin:
+    parsed = URL(url, encoded=True)
+    default_port = 443 if parsed.scheme == "https" else 80
+    return Origin(
+        scheme=parsed.scheme,
+        host=parsed.raw_host or "",
+        port=parsed.port or default_port,
+        host_header=host_header(parsed),
+        base_path=parsed.raw_path.rstrip("/"),
+    )
 
 IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 """RFC 9110 9.2.2: requests a client may send again when a reused connection turns out
@@ -76,7 +102,8 @@ class Pool:
     async def request(
         self,
         method: str,
-        url: URL,
+        origin: Origin,
+        target: str,
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
         *,
@@ -87,18 +114,17 @@ class Pool:
         caller reads the body from it and must hand it back with `release`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + first_byte_timeout_seconds
-        origin: Origin = (url.scheme, url.raw_host or "", url.port or (443 if url.scheme == "https" else 80))
         if "Expect" in headers:  # the body follows at once; no 100-continue handshake
             headers = headers.copy()
             del headers["Expect"]
-        head = request_head(method, url.raw_path_qs, host_header(url), headers, body)
+        head = request_head(method, origin.base_path + target, origin.host_header, headers, body)
         replayable = method in IDEMPOTENT_METHODS and not (body is not None and not isinstance(body, bytes))
         fresh = False
         while True:
             conn = await self._acquire(origin, min(connect_timeout_seconds, max(0.0, deadline - loop.time())), deadline, fresh)
             conn.begin(head_only=method == "HEAD")
             conn.send(head, body)
-            timer = loop.call_at(deadline, conn.abort, FirstByteTimeout(f"no response within {first_byte_timeout_seconds:g} s"))
+            timer = loop.call_at(deadline, _first_byte_timeout, conn, first_byte_timeout_seconds)
             try:
                 await conn.response_head()
                 return conn
@@ -122,6 +148,7 @@ class Pool:
             conn.close()
             return
         origin = conn.origin
+        assert origin is not None
         conn.reused = True
         conn.idle_since = asyncio.get_running_loop().time()
         self._idle.setdefault(origin, []).append(conn)
@@ -151,7 +178,7 @@ class Pool:
         return await self._connect(origin, connect_timeout_seconds, deadline)
 
     async def _connect(self, origin: Origin, timeout_seconds: float, deadline: float) -> Connection:
-        scheme, host, port = origin
+        scheme, host, port = origin.scheme, origin.host, origin.port
         loop = asyncio.get_running_loop()
         context = self._tls_context() if scheme == "https" else None
         try:
@@ -196,3 +223,8 @@ class Pool:
                 conn.close()
         if self._idle_of:
             self._arm_sweeper()
+
+
+def _first_byte_timeout(conn: Connection, timeout_seconds: float) -> None:
+    # The error is built only when the deadline passes, not once per request.
+    conn.abort(FirstByteTimeout(f"no response within {timeout_seconds:g} s"))

@@ -23,7 +23,12 @@ from yarl import URL
 
 from proxy.transport import Connection, ConnectFailed, FirstByteTimeout, IdleTimeout, Pool, TransportError
 from proxy.transport.connection import HIGH_WATER_BYTES
-from proxy.transport.pool import host_header
+from proxy.transport.pool import Origin, host_header, origin_of
+
+
+def split(url: URL) -> tuple[Origin, str]:
+    """What proxy.forward passes: the upstream's origin (parsed once) and the request target."""
+    return origin_of(str(url.origin())), url.raw_path_qs
 
 LIMIT = 5.0
 """Upper bound for anything that should happen at once (generous: a loaded 2-core CI)."""
@@ -251,7 +256,7 @@ async def fetch(
     async with asyncio.timeout(LIMIT * 2):
         conn = await pool.request(
             method,
-            url,
+            *split(url),
             CIMultiDict(headers or {}),
             body,
             connect_timeout_seconds=LIMIT,
@@ -553,7 +558,7 @@ async def test_close_mid_body_raises_after_the_bytes_that_came(serve, pool: Pool
         peer.close()
 
     server = await serve(script)
-    conn = await pool.request("GET", server.url(), CIMultiDict(), None, connect_timeout_seconds=LIMIT, first_byte_timeout_seconds=LIMIT)
+    conn = await pool.request("GET", *split(server.url()), CIMultiDict(), None, connect_timeout_seconds=LIMIT, first_byte_timeout_seconds=LIMIT)
     received = b""
     try:
         async with asyncio.timeout(LIMIT):
@@ -759,7 +764,7 @@ async def test_slow_reader_gets_every_byte_and_buffering_stays_bounded(serve, po
         await peer.until_client_closes()
 
     server = await serve(script)
-    conn = await pool.request("GET", server.url(), CIMultiDict(), None, connect_timeout_seconds=LIMIT, first_byte_timeout_seconds=LIMIT)
+    conn = await pool.request("GET", *split(server.url()), CIMultiDict(), None, connect_timeout_seconds=LIMIT, first_byte_timeout_seconds=LIMIT)
     parts = []
     most_buffered = 0
     paused_seen = False
@@ -796,7 +801,7 @@ async def test_reader_giving_up_while_reading_is_paused(serve, pool: Pool, abort
             await keep_alive(peer)
 
     server = await serve(script)
-    conn = await pool.request("GET", server.url(), CIMultiDict(), None, connect_timeout_seconds=LIMIT, first_byte_timeout_seconds=LIMIT)
+    conn = await pool.request("GET", *split(server.url()), CIMultiDict(), None, connect_timeout_seconds=LIMIT, first_byte_timeout_seconds=LIMIT)
     await eventually(lambda: conn._reading_paused, "reading pauses while nobody takes the body")
     if aborted:
         conn.abort(IdleTimeout("went silent"))
@@ -846,7 +851,7 @@ async def test_close_closes_idle_and_busy_connections(serve) -> None:
     server = await serve(keep_alive)
     busy_server = await serve(stuck)
     await asyncio.gather(fetch(pool, server.url()), fetch(pool, server.url()))
-    busy = await pool.request("GET", busy_server.url(), CIMultiDict(), None, connect_timeout_seconds=LIMIT, first_byte_timeout_seconds=LIMIT)
+    busy = await pool.request("GET", *split(busy_server.url()), CIMultiDict(), None, connect_timeout_seconds=LIMIT, first_byte_timeout_seconds=LIMIT)
     assert pool.open_connections == 3
     await pool.close()
     await server.client_closed(0)
@@ -907,3 +912,22 @@ async def test_non_ascii_header_bytes_round_trip(serve, pool: Pool) -> None:
 )
 def test_host_header(url: str, host: str) -> None:
     assert host_header(URL(url)) == host
+
+
+async def test_an_upstream_url_with_a_path_prefixes_every_target(serve, pool: Pool) -> None:
+    server = await serve(keep_alive)
+    origin = origin_of(f"http://127.0.0.1:{server.port}/base/")
+    assert (origin.base_path, origin.port) == ("/base", server.port)
+    assert origin_of(f"http://127.0.0.1:{server.port}/base/") is origin  # parsed once, shared
+    conn = await pool.request("GET", origin, "/v1/models?x=%2F", CIMultiDict(), None, connect_timeout_seconds=LIMIT, first_byte_timeout_seconds=LIMIT)
+    while await conn.read():
+        pass
+    pool.release(conn)
+    (_, request), = server.requests
+    assert request.head.startswith(b"GET /base/v1/models?x=%2F HTTP/1.1\r\n")
+
+
+def test_origin_defaults_the_port_by_scheme() -> None:
+    assert origin_of("https://example.com").port == 443
+    assert origin_of("http://example.com").port == 80
+    assert origin_of("http://example.com").host_header == "example.com"
