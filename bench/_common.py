@@ -195,6 +195,14 @@ http {{
 """
 
 
+def start_bare(workdir: Path, port: int, sim_port: int) -> Child:
+    """The proxy's data path without metering (bench/_bare.py): the cost of the hop alone."""
+    argv = [sys.executable, str(ROOT / "bench" / "_bare.py"), "--port", str(port), "--upstream", f"http://127.0.0.1:{sim_port}"]
+    child = spawn("bare", argv, workdir, python_env())
+    wait_http(f"http://127.0.0.1:{port}/health", proc=child.proc)
+    return child
+
+
 def start_nginx(workdir: Path, port: int, sim_port: int) -> Child | None:
     """nginx (one worker, keep-alive pool) as the reference reverse proxy, when installed."""
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)

@@ -4,8 +4,11 @@ proxy, in one run (DESIGN.md section 9), printed as Markdown tables.
 Processes (each its own event loop): the sim model server (`python -m proxy.sim
 --tokens-per-second 50 --max-batch 4096 --prefill-seconds-per-token 0.00001`, replies as
 long as max_tokens asks), the proxy (`python -m proxy serve`, scrape meter on the sim's
-DCGM-format /metrics, receipts in memory), nginx as a reference reverse proxy when
-installed (one worker, keep-alive upstream pool), and the load generator
+DCGM-format /metrics, receipts in memory or with `--receipts sqlite` the default durable
+store), two references: the bare data path (bench/_bare.py: the proxy's forwarder with
+no metering, so the table separates the cost of a Python process hop from the cost of
+metering) and nginx when installed (one worker, keep-alive upstream pool, no Python), and
+the load generator
 (bench/_loadgen.py: aiohttp client, pooled keep-alive connector, uvloop). This process
 only orchestrates and samples /proc.
 
@@ -20,7 +23,7 @@ the machine hit both alike):
    (p50/p99) and added inter-token delay (p99 of the gaps between token-bearing reads),
    plus the proxy's CPU per 1k chunks/s and RSS per open stream.
 3. saturation, closed loop: C workers (default 64) each sending its next request when the
-   last one answered: requests/s direct, through nginx, through the proxy.
+   last one answered: requests/s direct, through the references, through the proxy.
 
 With `--litellm PATH` (the `litellm` script of a venv holding `litellm[proxy]`, kept out of
 this project's venv), LiteLLM's proxy, pointed at the same sim (one worker, no database),
@@ -70,12 +73,14 @@ from _common import (  # noqa: E402
     python_env,
     spread,
     start_litellm,
+    start_bare,
     start_nginx,
     start_proxy,
     start_sim,
 )
 
 MS = 1000.0
+RECEIPTS = {"memory": ":memory:", "sqlite": "SQLite, the default (a response waits for its receipt's group commit)"}
 
 
 @dataclass
@@ -85,6 +90,8 @@ class Rig:
     proxies: dict[str, Child]
     """'proxy' (this tree), and 'baseline' with --compare-tree."""
     nginx: Child | None
+    bare: Child | None
+    """The proxy's data path without metering (bench/_bare.py), a reference like nginx."""
     litellm: Child | None
     """LiteLLM's proxy with --litellm (a peer, in the non-streaming and saturation phases)."""
     ports: dict[str, int]
@@ -105,9 +112,17 @@ class Rig:
         pids.update((name, child.pid) for name, child in self.proxies.items())
         if self.nginx is not None:
             pids["nginx"] = self.nginx.pid
+        if self.bare is not None:
+            pids["bare"] = self.bare.pid
         if self.litellm is not None:
             pids["litellm"] = self.litellm.pid
         return pids
+
+    @property
+    def references(self) -> list[str]:
+        """Floors to read the proxy's cost against: the bare data path (one Python process
+        hop, no metering) and nginx (one hop, no Python)."""
+        return (["bare"] if self.bare is not None else []) + (["nginx"] if self.nginx is not None else [])
 
     @property
     def peers(self) -> list[str]:
@@ -121,7 +136,7 @@ class Rig:
         kind, payload = self.conn.recv()
         if kind == "error":
             raise RuntimeError(f"load generator failed in {label}: {payload}")
-        watch = (target,) if target in self.proxies or target in self.peers else ()
+        watch = (target,) if target != "direct" else ()
         sampler = Sampler(self.pids(), upstream_port=self.ports["direct"], watch=watch)
         sampler.start()
         spy = self._profile(label, self.proxies[target].pid) if target in self.proxies else None
@@ -164,7 +179,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sat-seconds", type=float, default=5.0)
     p.add_argument("--sat-reps", type=int, default=2)
     p.add_argument("--meter", choices=("scrape", "estimate"), default="scrape")
+    p.add_argument("--receipts", choices=("memory", "sqlite"), default="memory",
+                   help="sqlite: the default config's durable store (each response waits for its receipt's group commit)")
     p.add_argument("--no-nginx", action="store_true", help="skip the nginx reference even when installed")
+    p.add_argument("--no-bare", action="store_true", help="skip the bare data path reference (forwarding without metering)")
     p.add_argument("--skip-nonstream", action="store_true")
     p.add_argument("--skip-streams", action="store_true")
     p.add_argument("--skip-saturation", action="store_true")
@@ -192,15 +210,20 @@ def setup(args: argparse.Namespace, workdir: Path) -> Rig:
     # Replies as long as max_tokens asks: every stream runs its full length, so N are open at once.
     sim = start_sim(workdir, ports["direct"], tokens_per_second=args.tokens_per_second, natural_tokens=100_000)
     proxies: dict[str, Child] = {}
-    nginx = litellm = None
+    nginx = litellm = bare = None
     try:
         trees = [("proxy", ROOT)] + ([("baseline", args.compare_tree.resolve())] if args.compare_tree else [])
         for name, tree in trees:
             ports[name] = free_port()
-            proxies[name] = start_proxy(workdir, ports[name], free_port(), ports["direct"], meter=args.meter, name=name, tree=tree)
-        if not args.no_nginx and not args.skip_saturation:
+            receipts = str(workdir / f"{name}-receipts.db") if args.receipts == "sqlite" else ":memory:"
+            proxies[name] = start_proxy(workdir, ports[name], free_port(), ports["direct"], meter=args.meter, name=name, tree=tree,
+                                        receipts=receipts)  # fmt: skip
+        if not args.no_nginx and not (args.skip_saturation and args.skip_nonstream):
             ports["nginx"] = free_port()
             nginx = start_nginx(workdir, ports["nginx"], ports["direct"])
+        if not args.no_bare and not (args.skip_saturation and args.skip_nonstream):
+            ports["bare"] = free_port()
+            bare = start_bare(workdir, ports["bare"], ports["direct"])
         if args.litellm and not (args.skip_saturation and args.skip_nonstream):
             ports["litellm"] = free_port()
             litellm = start_litellm(workdir, ports["litellm"], ports["direct"], args.litellm)
@@ -209,11 +232,11 @@ def setup(args: argparse.Namespace, workdir: Path) -> Rig:
         gen = ctx.Process(target=_loadgen.serve, args=(child,), name="loadgen", daemon=True)
         gen.start()
     except BaseException:
-        for c in [litellm, nginx, *proxies.values(), sim]:
+        for c in [litellm, nginx, bare, *proxies.values(), sim]:
             if c is not None:
                 c.stop()
         raise
-    return Rig(workdir, sim, proxies, nginx, litellm, ports, gen, parent, profile=args.profile)
+    return Rig(workdir, sim, proxies, nginx, bare, litellm, ports, gen, parent, profile=args.profile)
 
 
 def teardown(rig: Rig) -> None:
@@ -224,7 +247,7 @@ def teardown(rig: Rig) -> None:
         pass
     if rig.gen.is_alive():
         rig.gen.terminate()
-    for child in [rig.litellm, rig.nginx, *rig.proxies.values(), rig.sim]:
+    for child in [rig.litellm, rig.nginx, rig.bare, *rig.proxies.values(), rig.sim]:
         if child is not None:
             child.stop()
 
@@ -261,19 +284,21 @@ def added_table(
 
 
 def _title(target: str) -> str:
-    return {"proxy": "proxy", "baseline": "baseline proxy", "direct": "direct", "litellm": "LiteLLM"}.get(target, target)
+    titles = {"proxy": "proxy", "baseline": "baseline proxy", "direct": "direct", "litellm": "LiteLLM", "bare": "bare data path"}
+    return titles.get(target, target)
 
 
 # -- phases ---------------------------------------------------------------------------------
 
 
 def nonstream(rig: Rig, args: argparse.Namespace) -> list[str]:
-    targets = ["direct", *rig.proxied, *rig.peers]
+    peers = rig.references + rig.peers
+    targets = ["direct", *rig.proxied, *peers]
     keys = ("p50", "p90", "p99", "rate", "late99")
     per = {t: {k: [] for k in keys} for t in targets}
-    added = {t: {"p50": [], "p90": [], "p99": []} for t in rig.proxied + rig.peers}
+    added = {t: {"p50": [], "p90": [], "p99": []} for t in rig.proxied + peers}
     usages: dict[str, list[Usage]] = {t: [] for t in targets}
-    conns: dict[str, list[str]] = {t: [] for t in rig.proxied + rig.peers}
+    conns: dict[str, list[str]] = {t: [] for t in rig.proxied + peers}
     errors = 0
     for rep in range(args.reps):
         for target in order(targets, rep):
@@ -287,7 +312,7 @@ def nonstream(rig: Rig, args: argparse.Namespace) -> list[str]:
             usages[target].append(usage)
             if target in conns:
                 conns[target].append(f"{usage.opened[target]} opened/{usage.held[target]} held")
-        for t in rig.proxied + rig.peers:
+        for t in rig.proxied + peers:
             for k in added[t]:
                 added[t][k].append(per[t][k][-1] - per["direct"][k][-1])
     lines = [
@@ -307,10 +332,10 @@ def nonstream(rig: Rig, args: argparse.Namespace) -> list[str]:
         "",
         f"Errors: {errors}. Upstream connections per phase ({int(args.rate * args.seconds)} requests each; "
         "sampled every 0.1 s; one is the meter's /metrics scrape): "
-        + "; ".join(f"{_title(t)} {', '.join(conns[t])}" for t in rig.proxied + rig.peers) + ".",
+        + "; ".join(f"{_title(t)} {', '.join(conns[t])}" for t in rig.proxied + peers) + ".",
         "",
     ]
-    for peer in rig.peers:
+    for peer in peers:
         for t in rig.proxied:
             ratio = {k: [a / b if b > 0 else float("nan") for a, b in zip(added[peer][k], added[t][k])] for k in ("p50", "p99")}
             lines.append(
@@ -323,7 +348,7 @@ def nonstream(rig: Rig, args: argparse.Namespace) -> list[str]:
                 f"{_title(peer)} could not keep up with {args.rate:g} req/s: its latency above is mostly queueing. "
                 "For a like-for-like latency comparison rerun with --rate below its saturation peak.  "
             )
-    if rig.peers:
+    if peers:
         lines.append("")
     return lines
 
@@ -408,7 +433,7 @@ def streaming(rig: Rig, args: argparse.Namespace) -> list[str]:
 
 
 def saturation(rig: Rig, args: argparse.Namespace) -> list[str]:
-    targets = ["direct", *rig.proxied] + (["nginx"] if rig.nginx is not None else []) + rig.peers
+    targets = ["direct", *rig.proxied, *rig.references, *rig.peers]
     rates: dict[str, list[float]] = {t: [] for t in targets}
     p50: dict[str, list[float]] = {t: [] for t in targets}
     usages: dict[str, list[Usage]] = {t: [] for t in targets}
@@ -473,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 f"Machine: {os.cpu_count()} CPU(s), load average before {load_before}; Python {sys.version.split()[0]}, "
                 f"aiohttp {aiohttp.__version__} ({_parser_kind()}); proxy meter: {args.meter} (sim /metrics); "
-                "receipts: :memory:; load generator: aiohttp + uvloop in its own process.",
+                f"receipts: {RECEIPTS[args.receipts]}; load generator: aiohttp + uvloop in its own process.",
                 "",
             ]
             if rig.litellm is None:

@@ -209,7 +209,9 @@ class ProxyServer:
         body: bytes | AsyncIterator[bytes] | None = None
         if request.body_exists:
             if length is not None and length <= INSPECT_LIMIT_BYTES:
-                body = await request.content.read()
+                content = request.content
+                # Usually the whole body came with the head: take it without a read loop.
+                body = content.read_nowait() if content.is_eof() and content.exception() is None else await content.read()
             else:
                 body = _limited(request, max_body)
 
