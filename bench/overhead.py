@@ -182,6 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--receipts", choices=("memory", "sqlite"), default="memory",
                    help="sqlite: the default config's durable store (each response waits for its receipt's group commit)")
     p.add_argument("--no-nginx", action="store_true", help="skip the nginx reference even when installed")
+    p.add_argument("--pin", metavar="A:B", help="CPU affinity: sim and load generator on CPUs A, each proxy on CPUs B (e.g. 0:1)")
     p.add_argument("--no-bare", action="store_true", help="skip the bare data path reference (forwarding without metering)")
     p.add_argument("--skip-nonstream", action="store_true")
     p.add_argument("--skip-streams", action="store_true")
@@ -231,12 +232,34 @@ def setup(args: argparse.Namespace, workdir: Path) -> Rig:
         parent, child = ctx.Pipe()
         gen = ctx.Process(target=_loadgen.serve, args=(child,), name="loadgen", daemon=True)
         gen.start()
+        if args.pin:
+            _pin(args.pin, {"sim": sim.pid, "generator": gen.pid},
+                 {**{n: c.pid for n, c in proxies.items()}, "nginx": nginx.pid if nginx else None, "bare": bare.pid if bare else None,
+                  "litellm": litellm.pid if litellm else None})  # fmt: skip
     except BaseException:
         for c in [litellm, nginx, bare, *proxies.values(), sim]:
             if c is not None:
                 c.stop()
         raise
     return Rig(workdir, sim, proxies, nginx, bare, litellm, ports, gen, parent, profile=args.profile)
+
+
+def _pin(spec: str, load: dict[str, int], proxies: dict[str, int | None]) -> None:
+    """--pin A:B: the sim and the generator on CPUs A, every proxy on CPUs B, so a proxy
+    has its own core as it would beside a model server, and p99 measures the proxy
+    rather than the scheduler sharing 2 cores among 3 busy processes."""
+    load_cpus, proxy_cpus = ({int(c) for c in part.split(",")} for part in spec.split(":"))
+    for pid in load.values():
+        _set_affinity(pid, load_cpus)
+    for pid in proxies.values():
+        if pid is not None:
+            _set_affinity(pid, proxy_cpus)
+
+
+def _set_affinity(pid: int, cpus: set[int]) -> None:
+    # Every thread: the proxy's receipts writer and nginx's workers too.
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), cpus)
 
 
 def teardown(rig: Rig) -> None:
@@ -498,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 f"Machine: {os.cpu_count()} CPU(s), load average before {load_before}; Python {sys.version.split()[0]}, "
                 f"aiohttp {aiohttp.__version__} ({_parser_kind()}); proxy meter: {args.meter} (sim /metrics); "
-                f"receipts: {RECEIPTS[args.receipts]}; load generator: aiohttp + uvloop in its own process.",
+                f"receipts: {RECEIPTS[args.receipts]}; load generator: aiohttp + uvloop in its own process"
+                + (f"; pinned: sim and generator on CPU {args.pin.split(':')[0]}, proxies on CPU {args.pin.split(':')[1]}." if args.pin else "."),
                 "",
             ]
             if rig.litellm is None:

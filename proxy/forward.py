@@ -96,6 +96,8 @@ class Forwarder:
     def __init__(self, *, max_buffer_bytes: int) -> None:
         self._max_buffer_bytes = max_buffer_bytes
         self.pool = Pool()
+        self.drain_deadline: float | None = None
+        """Loop time at which a stopping server cuts what is still open (`shutdown`)."""
 
     async def start(self) -> None:
         pass
@@ -143,7 +145,11 @@ class Forwarder:
             exchange.failed(exc.kind)
             return json_error(exc.status, exc.kind, exc.message, extra_headers)
         except BaseException:
-            exchange.failed("client_disconnected")
+            # Cancelled (or the client's socket failed): the client left, or a stopping
+            # server cut what was still open at its drain deadline.
+            deadline = self.drain_deadline
+            cut = deadline is not None and asyncio.get_running_loop().time() >= deadline - 0.05
+            exchange.failed("shutdown" if cut else "client_disconnected")
             raise
         finally:
             if upstream is not None:

@@ -103,6 +103,8 @@ class Service:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight streams finish (up to drain_seconds), then flush."""
+        loop = asyncio.get_running_loop()
+        self.proxy.forwarder.drain_deadline = loop.time() + self.config.server.drain_seconds
         if self._public is not None:
             await self._public.cleanup()
         await self.proxy.stop()

@@ -205,7 +205,7 @@ async def test_streams_still_open_at_the_drain_deadline_are_cut_visibly_and_stil
             rows = db.execute("SELECT request_id, outcome, status, energy_joules FROM receipts").fetchall()
         assert sorted(r[0] for r in rows) == [f"cut-{i:02d}" for i in range(streams)]
         for _, outcome, status, joules in rows:
-            assert outcome != "ok" and status == "final" and joules > 0  # the partial work is accounted
+            assert outcome == "shutdown" and status == "final" and joules > 0  # the partial work is accounted
     finally:
         if process.poll() is None:
             process.kill()
