@@ -14,14 +14,18 @@ import orjson
 from proxy.dialects.base import ResponseReader
 
 _LF2 = b"\n\n"
-_CRLF2 = b"\r\n\r\n"
+# An event ends at a blank line; the SSE spec allows LF, CRLF and bare CR line ends.
+_TERMINATORS = (_LF2, b"\r\n\r\n", b"\r\r")
 
 
 def _last_boundary(buf: bytes) -> int:
     """Index just past the last complete SSE event, or 0."""
-    lf = buf.rfind(_LF2)
-    crlf = buf.rfind(_CRLF2)
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    last = 0
+    for terminator in _TERMINATORS:
+        at = buf.rfind(terminator)
+        if at >= 0 and at + len(terminator) > last:
+            last = at + len(terminator)
+    return last
 
 
 def split_events(ready: bytes) -> list[bytes]:
@@ -30,12 +34,14 @@ def split_events(ready: bytes) -> list[bytes]:
     pos = 0
     end = len(ready)
     while pos < end:
-        lf = ready.find(_LF2, pos)
-        crlf = ready.find(_CRLF2, pos)
-        if lf < 0 and crlf < 0:
+        stop = -1
+        for terminator in _TERMINATORS:
+            at = ready.find(terminator, pos)
+            if at >= 0 and (stop < 0 or at + len(terminator) < stop):
+                stop = at + len(terminator)
+        if stop < 0:
             events.append(ready[pos:])
             break
-        stop = crlf + 4 if crlf >= 0 and (lf < 0 or crlf < lf) else lf + 2
         events.append(ready[pos:stop])
         pos = stop
     return events

@@ -25,7 +25,7 @@ def splits(draw: st.DrawFn, body: bytes) -> list[bytes]:
 
 # -- SSE --------------------------------------------------------------------------------
 
-TERMINATORS = st.sampled_from([b"\n\n", b"\r\n\r\n"])
+TERMINATORS = st.sampled_from([b"\n\n", b"\r\n\r\n", b"\r\r"])
 DATA_PREFIX = st.sampled_from([b"data: ", b"data:"])
 TEXT = st.text(max_size=12)  # any unicode: quotes, backslashes, "data:", "[DONE]", newlines (escaped by JSON)
 
@@ -100,11 +100,12 @@ def sse_stream(*payloads: st.SearchStrategy[Any], done: bool = True) -> st.Searc
 
 def frame(body: bytes) -> tuple[list[bytes], bytes]:
     """(complete events, unterminated rest). An event ends at the first blank line
-    written as LF LF or CR LF CR LF, whichever ends first; each keeps its terminator."""
+    written as LF LF, CR LF CR LF or CR CR (the SSE spec's three line ends), whichever
+    ends first; each keeps its terminator."""
     events: list[bytes] = []
     pos = 0
     while True:
-        ends = [i + len(t) for t in (b"\n\n", b"\r\n\r\n") if (i := body.find(t, pos)) >= 0]
+        ends = [i + len(t) for t in (b"\n\n", b"\r\n\r\n", b"\r\r") if (i := body.find(t, pos)) >= 0]
         if not ends:
             return events, body[pos:]
         end = min(ends)

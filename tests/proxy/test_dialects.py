@@ -57,6 +57,18 @@ def test_usage_the_client_did_not_ask_for_is_hidden(a: int, b: int) -> None:
     assert reader.work.output_tokens == 2
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, len(OPENAI_STREAM)), st.integers(0, len(OPENAI_STREAM)))
+def test_a_stream_framed_with_bare_cr_is_counted_and_gets_its_figures(a: int, b: int) -> None:
+    # The SSE spec allows CR alone as a line end; such a stream is read like any other.
+    body = OPENAI_STREAM.replace(b"\r\n", b"\n").replace(b"\n", b"\r")
+    reader = _openai_reader(wants_usage=False)
+    out = _read(reader, _cuts(body, a, b), {"energy_joules": 1.5})
+    assert out.endswith(b': emissions {"energy_joules":1.5}\n\ndata: [DONE]\r\r')
+    assert out.count(b"data: {") == 3 and b'"usage"' not in out
+    assert reader.work.output_tokens == 2
+
+
 def test_figures_go_inside_the_usage_chunk_when_asked() -> None:
     reader = _openai_reader(wants_usage=True)
     out = _read(reader, [OPENAI_STREAM], {"co2e_grams": 0.25})
