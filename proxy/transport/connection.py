@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 HIGH_WATER_BYTES = 256 * 1024
 """Reading from the upstream pauses while this much is received and not yet taken."""
 
+MAX_HEAD_BYTES = 64 * 1024
+"""A response's status line and headers (and any 1xx heads before it) may not exceed this."""
+
 
 class TransportError(Exception):
     """The upstream exchange failed; `sent_nothing` marks a reused connection that the
@@ -61,6 +64,7 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._error: TransportError | None = None
         self._received_any = False
+        self._head_bytes = 0
         self._raw_headers: list[tuple[str, str]] = []
         self._interim = False
         self._chunks: deque[bytes] = deque()
@@ -91,12 +95,21 @@ class Connection(asyncio.Protocol):
             self.close()
             return
         self._received_any = True
+        head_pending = not self.status
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(TransportError("upstream switched protocols, which the proxy does not forward"))
+            return
         except httptools.HttpParserError as exc:
             self._fail(TransportError(f"upstream sent a malformed response: {exc}"))
+            return
+        if head_pending and not self.status:
+            # The parser holds a head until it is complete: bound what a broken or
+            # hostile upstream can make it hold.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(TransportError(f"upstream sent a response head over {MAX_HEAD_BYTES // 1024} KiB"))
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost settles the exchange
@@ -193,6 +206,7 @@ class Connection(asyncio.Protocol):
         self._head_only = head_only
         self._error = None
         self._received_any = False
+        self._head_bytes = 0
         self._complete = False
         self._keep_alive = False
         self._eof_delimited = False

@@ -526,6 +526,30 @@ async def test_malformed_head_raises_transport_error(serve, pool: Pool, answer: 
     assert server.accepted == 1  # not retried: the server did answer
 
 
+async def test_an_endless_response_head_is_cut_at_the_bound(serve, pool: Pool) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\n")
+        for i in range(2000):  # ~100 KiB of headers, never a blank line
+            await peer.send(b"X-Filler-%04d: %s\r\n" % (i, b"x" * 32))
+        await peer.until_client_closes()
+
+    server = await serve(script)
+    with pytest.raises(TransportError, match="head over 64 KiB"):
+        await fetch(pool, server.url())
+    await server.client_closed(0)
+
+
+async def test_a_large_body_in_the_first_read_is_not_mistaken_for_a_large_head(serve, pool: Pool) -> None:
+    body = bytes(range(256)) * 1024  # 256 KiB, sent with the head in one write
+    async def script(peer: Peer) -> None:
+        while await peer.request():
+            await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    server = await serve(script)
+    assert (await fetch(pool, server.url())).body == body
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["with-the-head", "after-the-head"])
 async def test_bad_chunk_size_raises_transport_error(serve, pool: Pool, split: bool) -> None:
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
