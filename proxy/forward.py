@@ -20,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Timeouts
 from proxy.headers import client_response_headers
-from proxy.transport import Connection, ConnectFailed, FirstByteTimeout, IdleTimeout, Pool, TransportError, origin_of
+from proxy.transport import Connection, ConnectFailed, ConnectTimeout, FirstByteTimeout, IdleTimeout, Pool, TransportError, origin_of
 
 log = logging.getLogger("carbon_proxy.forward")
 
@@ -131,6 +131,8 @@ class Forwarder:
                 )
             except FirstByteTimeout:
                 raise UpstreamError(504, "upstream_timeout", f"upstream sent no response within {timeouts.first_byte_seconds:g} s")
+            except ConnectTimeout:
+                raise UpstreamError(504, "upstream_timeout", f"timed out connecting to upstream within {timeouts.connect_seconds:g} s")
             except ConnectFailed as exc:
                 raise UpstreamError(502, "upstream_unreachable", f"cannot connect to upstream: {exc}")
             except TransportError as exc:

@@ -3,7 +3,7 @@
 Bytes only: no energy, no dialects. `proxy.forward` drives it.
 """
 
-from proxy.transport.connection import Connection, ConnectFailed, FirstByteTimeout, IdleTimeout, TransportError
+from proxy.transport.connection import Connection, ConnectFailed, ConnectTimeout, FirstByteTimeout, IdleTimeout, TransportError
 from proxy.transport.pool import Origin, Pool, origin_of
 
-__all__ = ["Connection", "ConnectFailed", "FirstByteTimeout", "IdleTimeout", "Origin", "Pool", "TransportError", "origin_of"]
+__all__ = ["Connection", "ConnectFailed", "ConnectTimeout", "FirstByteTimeout", "IdleTimeout", "Origin", "Pool", "TransportError", "origin_of"]

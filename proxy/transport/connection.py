@@ -39,6 +39,10 @@ class ConnectFailed(TransportError):
     """No connection could be made (refused, unreachable, DNS)."""
 
 
+class ConnectTimeout(TransportError):
+    """The TCP (or TLS) connection was not made within the connect timeout."""
+
+
 class FirstByteTimeout(TransportError):
     """The upstream sent no response head before the deadline."""
 
@@ -168,7 +172,9 @@ class Connection(asyncio.Protocol):
         length = headers.get("Content-Length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
         self._keep_alive = self._parser.should_keep_alive()
-        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        # RFC 9112 6.3: chunked framing only when it is the last coding applied.
+        codings = ",".join(headers.getall("Transfer-Encoding", ()))
+        chunked = codings.rsplit(",", 1)[-1].strip().lower() == "chunked"
         self._eof_delimited = self.content_length is None and not chunked and status not in (204, 304)
         if self._head_only:
             # llhttp would wait for the body Content-Length announces: end here, and do
@@ -256,7 +262,12 @@ class Connection(asyncio.Protocol):
                     self._drain_waiter = self._loop.create_future()
                     await self._drain_waiter
                     self._drain_waiter = None
-        except Exception as exc:  # the client's body failed (too large, client gone)
+        except (Exception, asyncio.CancelledError) as exc:
+            # The client's body failed: too large, client gone, or cancelled by a server
+            # shutting down. Only this task's own cancellation (release()) propagates.
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                raise
             self._fail(TransportError(f"the request body could not be read: {type(exc).__name__}"))
             return
         if not self.lost:
@@ -304,8 +315,15 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self._keep_alive = False
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            # A graceful close waits for unsent request bytes to go out, which never
+            # happens if the upstream stopped reading: the socket would stay open.
+            transport.abort()
+        elif not transport.is_closing():
+            transport.close()
 
     # -- internals --------------------------------------------------------------------
 

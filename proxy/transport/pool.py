@@ -13,7 +13,7 @@ from typing import AsyncIterator
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.transport.connection import Connection, ConnectFailed, FirstByteTimeout, TransportError
+from proxy.transport.connection import Connection, ConnectFailed, ConnectTimeout, FirstByteTimeout, TransportError
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -70,12 +70,15 @@ def host_header(url: URL) -> str:
     if ":" in host:
         host = f"[{host}]"
     port = url.explicit_port
-    return host if port is None else f"{host}:{port}"
+    default = 443 if url.scheme == "https" else 80
+    return host if port is None or port == default else f"{host}:{port}"
 
 
 def _os_reason(exc: OSError) -> str:
     """asyncio's loop words a refused connect "Connect call failed ('10.0.0.5', 8000)",
     uvloop's "Connection refused": name the OS reason on both (DNS errors keep theirs)."""
+    if isinstance(exc, ssl.SSLError):  # its errno is OpenSSL's, not the OS's
+        return exc.strerror or getattr(exc, "reason", None) or str(exc)
     if exc.errno is not None and exc.errno > 0 and not isinstance(exc, socket.gaierror):
         return os.strerror(exc.errno)
     return exc.strerror or str(exc) or type(exc).__name__
@@ -187,7 +190,7 @@ class Pool:
         except TimeoutError:
             if loop.time() >= deadline:
                 raise FirstByteTimeout("no response before the deadline (still connecting)")
-            raise ConnectFailed("timed out connecting") from None
+            raise ConnectTimeout("timed out connecting to upstream") from None
         except OSError as exc:
             raise ConnectFailed(_os_reason(exc)) from None
         conn.origin = origin

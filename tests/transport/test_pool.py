@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
@@ -21,7 +22,7 @@ import uvloop
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.transport import Connection, ConnectFailed, FirstByteTimeout, IdleTimeout, Pool, TransportError
+from proxy.transport import Connection, ConnectFailed, ConnectTimeout, FirstByteTimeout, IdleTimeout, Pool, TransportError
 from proxy.transport.connection import HIGH_WATER_BYTES
 from proxy.transport.pool import Origin, host_header, origin_of
 
@@ -928,7 +929,8 @@ async def test_non_ascii_header_bytes_round_trip(serve, pool: Pool) -> None:
     "url, host",
     [
         ("http://example.com/x", "example.com"),
-        ("http://example.com:80/x", "example.com:80"),
+        ("http://example.com:80/x", "example.com"),  # the default port is left out, as clients do
+        ("https://example.com:443/x", "example.com"),
         ("https://example.com:8443/x", "example.com:8443"),
         ("http://[::1]:8080/x", "[::1]:8080"),
         ("http://[::1]/x", "[::1]"),
@@ -955,3 +957,97 @@ def test_origin_defaults_the_port_by_scheme() -> None:
     assert origin_of("https://example.com").port == 443
     assert origin_of("http://example.com").port == 80
     assert origin_of("http://example.com").host_header == "example.com"
+
+
+# -- found in review -------------------------------------------------------------------
+
+
+async def test_a_failed_upload_to_an_upstream_that_stopped_reading_frees_its_socket(serve, pool: Pool) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.reader.readuntil(b"\r\n\r\n")  # the head, then never another byte read
+        await asyncio.sleep(3600)
+
+    server = await serve(script)
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(400):  # 25 MiB: far more than the socket buffers hold
+            yield b"x" * 65536
+
+    with pytest.raises(FirstByteTimeout):
+        await pool.request("POST", *split(server.url()), CIMultiDict(), body(), connect_timeout_seconds=LIMIT, first_byte_timeout_seconds=0.5)
+    # A graceful close would wait for the unsent bytes forever and hold the socket open.
+    async with asyncio.timeout(LIMIT):
+        while pool.open_connections:
+            await asyncio.sleep(0.02)
+
+
+async def test_an_upload_the_server_cancels_fails_at_once(serve, pool: Pool) -> None:
+    # What aiohttp's server does to a request body when it shuts down: the body raises
+    # CancelledError in the writer task, which is not itself being cancelled.
+    async def script(peer: Peer) -> None:
+        await peer.reader.readuntil(b"\r\n\r\n")
+        await peer.until_client_closes()
+
+    server = await serve(script)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"part"
+        await asyncio.sleep(0.05)
+        raise asyncio.CancelledError()
+
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TransportError, match="request body could not be read"):
+        await pool.request("POST", *split(server.url()), CIMultiDict(), body(), connect_timeout_seconds=LIMIT, first_byte_timeout_seconds=LIMIT)
+    assert asyncio.get_running_loop().time() - started < LIMIT / 2  # not the first-byte timeout
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [pytest.param(b"Transfer-Encoding: chunked, gzip", id="chunked-not-last"),
+     pytest.param(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip", id="two-headers")],
+)
+async def test_a_body_whose_last_coding_is_not_chunked_runs_to_the_close(serve, pool: Pool, codings: bytes) -> None:
+    # RFC 9112 6.3: then the body is delimited by the connection closing, not by chunks.
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\n" + codings + b"\r\n\r\nraw gzip bytes")
+        peer.close()
+
+    server = await serve(script)
+    assert (await fetch(pool, server.url())).body == b"raw gzip bytes"
+
+
+async def test_a_connect_timeout_is_its_own_error(pool: Pool) -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so connect hangs.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        await asyncio.sleep(0.1)
+        try:
+            conn = await pool.request("GET", origin_of(f"http://127.0.0.1:{port}"), "/", CIMultiDict(), None,
+                                      connect_timeout_seconds=0.3, first_byte_timeout_seconds=LIMIT)  # fmt: skip
+        except ConnectTimeout as exc:
+            assert "timed out connecting" in str(exc)
+        except FirstByteTimeout:
+            pytest.fail("a connect timeout must not read as a first-byte timeout")
+        else:
+            pool.release(conn)
+            pytest.skip("this kernel completed the connection despite the full accept queue")
+    finally:
+        for sock in [listener, *fillers]:
+            sock.close()
+
+
+def test_a_tls_failure_is_named_by_its_tls_reason_not_an_os_errno() -> None:
+    from proxy.transport.pool import _os_reason
+
+    reason = _os_reason(ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"))
+    assert "certificate verify failed" in reason and "not permitted" not in reason
