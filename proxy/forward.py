@@ -75,10 +75,14 @@ class _Watchdog:
         self._timeout = timeout_seconds
         self._conn = conn
         self.last = self._loop.time()
+        self.writing = False
+        """True while the forwarder waits on the client: not the upstream's silence."""
         self.expired = False
         self._handle = self._loop.call_at(self.last + timeout_seconds, self._check)
 
     def _check(self) -> None:
+        if self.writing:
+            self.last = self._loop.time()
         due = self.last + self._timeout
         if self._loop.time() < due:
             self._handle = self._loop.call_at(due, self._check)
@@ -228,10 +232,12 @@ class Forwarder:
             if prefix:
                 await write(feed(prefix))
             while chunk := await read():
-                watchdog.last = clock()
                 out = feed(chunk)
                 if out:
+                    watchdog.writing = True  # a slow client is not a silent upstream
                     await write(out)
+                    watchdog.writing = False
+                watchdog.last = clock()
         except TransportError:
             # Headers are gone already: cut the connection so the client sees a broken
             # stream rather than a clean end that would pass for a complete answer.

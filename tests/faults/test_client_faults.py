@@ -222,3 +222,25 @@ async def test_client_gone_while_the_proxy_waits_on_its_full_socket() -> None:
     finally:
         await proxy.close()
         await runner.cleanup()
+
+
+async def test_a_client_slower_than_the_idle_timeout_is_not_taken_for_a_silent_upstream() -> None:
+    # The upstream answers at once, but the client pauses longer than idle_seconds while
+    # the proxy is blocked writing to it: the stream must complete, not be cut as
+    # upstream_timeout.
+    events = [BIG_EVENT] * 2048  # 32 MB: more than the kernel buffers hold, so the proxy blocks
+    runner, url = await start_upstream({CHAT: streaming(events)})
+    proxy = await start(url, upstream={"timeouts": {"idle_seconds": 0.3}})
+    try:
+        headers = {"X-Request-Id": "req-pausing"}
+        async with proxy.session.post(proxy.base + CHAT, json={"model": "m", "stream": True}, headers=headers) as response:
+            proxy.request_ids.append("req-pausing")
+            body = bytearray(await response.content.read(65_536))
+            await asyncio.sleep(1.0)  # > 3 x idle_seconds without reading
+            body += await response.read()
+        assert bytes(body).startswith(b"".join(events)) and body.endswith(b"data: [DONE]\n\n")
+        receipts = await settled(proxy, proxy.request_ids)
+        assert receipts["req-pausing"].outcome == "ok"
+    finally:
+        await proxy.close()
+        await runner.cleanup()
