@@ -25,6 +25,8 @@ the machine hit both alike):
 3. saturation, closed loop: C workers (default 64) each sending its next request when the
    last one answered: requests/s direct, through the references, through the proxy.
 
+It ends with one table: issue #8's goals against this run's figures for the proxy.
+
 With `--litellm PATH` (the `litellm` script of a venv holding `litellm[proxy]`, kept out of
 this project's venv), LiteLLM's proxy, pointed at the same sim (one worker, no database),
 joins phases 1 and 3 as the peer users would pick instead: the tables then give the
@@ -99,6 +101,8 @@ class Rig:
     conn: Any  # its pipe
     profile: str | None = None
     profiles: list[str] = field(default_factory=list)
+    goals: list[tuple[str, str, bool | None]] = field(default_factory=list)
+    """(goal, measured, met) rows for the closing table; met None: only reported."""
 
     @property
     def proxied(self) -> list[str]:
@@ -338,6 +342,13 @@ def nonstream(rig: Rig, args: argparse.Namespace) -> list[str]:
         for t in rig.proxied + peers:
             for k in added[t]:
                 added[t][k].append(per[t][k][-1] - per["direct"][k][-1])
+    if "proxy" in added:
+        refs = ", ".join(f"{_title(t)} {median(added[t]['p50']):+.3f}" for t in rig.references)
+        p50, p99 = median(added["proxy"]["p50"]), median(added["proxy"]["p99"])
+        rig.goals += [
+            (f"non-streaming added p50 <= 0.5 ms at {args.rate:g} req/s", f"{p50:+.3f} ms" + (f" ({refs})" if refs else ""), p50 <= 0.5),
+            ("non-streaming added p99 <= 2 ms", f"{p99:+.3f} ms (direct p99 alone: {spread(per['direct']['p99'])} ms)", p99 <= 2.0),
+        ]
     lines = [
         f"### Non-streaming: open loop at {args.rate:g} req/s, {args.seconds:g} s x {args.reps} rep(s) per target",
         "",
@@ -423,6 +434,17 @@ def streaming(rig: Rig, args: argparse.Namespace) -> list[str]:
         for t in rig.proxied:
             for k in added[t]:
                 added[t][k].append(per[t][k][-1] - per["direct"][k][-1])
+    if "proxy" in added:
+        got, direct = median(per["proxy"]["chunks"]), median(per["direct"]["chunks"])
+        gap99 = median(added["proxy"]["gap99"])
+        kept_up = got >= 0.95 * direct
+        rig.goals += [
+            (f"{args.streams} streams at {args.tokens_per_second:g} tokens/s (goal: 2,000), added inter-token p99 <= 5 ms",
+             f"{gap99:+.2f} ms; {got:.0f} chunks/s delivered (direct {direct:.0f})" + ("" if kept_up else ": fell behind"),
+             gap99 <= 5.0 and kept_up and args.streams >= 2000),
+            ("RSS per open stream <= 40 KB", f"{median(rss_per_stream['proxy']):.1f} KB", median(rss_per_stream["proxy"]) <= 40.0),
+            ("CPU per 1k chunks/s", f"{median(per_kchunk['proxy']):.1f} % of a core", None),
+        ]  # fmt: skip
     step_ms = 1000.0 / args.tokens_per_second
     lines: list[str] = [
         f"### Streaming: {args.streams} concurrent streams at {args.tokens_per_second:g} tokens/s, "
@@ -474,6 +496,13 @@ def saturation(rig: Rig, args: argparse.Namespace) -> list[str]:
             for ref in ("direct", "nginx", "litellm"):
                 if ref in rates and rates[ref][-1] > 0:
                     ratios[t][ref].append((1.0 if ref == "litellm" else 100.0) * rates[t][-1] / rates[ref][-1])
+    if "proxy" in ratios:
+        if ratios["proxy"]["nginx"]:
+            share = median(ratios["proxy"]["nginx"])
+            rig.goals.append(("peak requests/s >= 40% of nginx's", f"{share:.0f} % ({median(rates['proxy']):.0f} req/s)", share >= 40.0))
+        if ratios["proxy"]["litellm"]:
+            times = median(ratios["proxy"]["litellm"])
+            rig.goals.append(("peak requests/s >= 5x LiteLLM's", f"{times:.1f}x", times >= 5.0))
     lines = [
         f"### Saturation: closed loop, {args.concurrency} workers, {args.sat_seconds:g} s x {args.sat_reps} rep(s) per target",
         "",
@@ -498,6 +527,16 @@ def saturation(rig: Rig, args: argparse.Namespace) -> list[str]:
         "",
     ]
     return lines
+
+
+def goals_table(rig: Rig) -> list[str]:
+    """The issue #8 goals against this run's figures for the proxy, in one table."""
+    if not rig.goals:
+        return []
+    verdict = {True: "met", False: "**not met**", None: ""}
+    lines = ["### Goals (issue #8), this run", "", "| goal | measured (proxy) | |", "| --- | --- | --- |"]
+    lines += [f"| {goal} | {measured} | {verdict[met]} |" for goal, measured, met in rig.goals]
+    return lines + [""]
 
 
 def _parser_kind() -> str:
@@ -534,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                 out += streaming(rig, args)
             if not args.skip_saturation:
                 out += saturation(rig, args)
+            out += goals_table(rig)
             for name, child in rig.proxies.items():
                 if child.proc.poll() is not None:
                     raise RuntimeError(f"the {name} proxy exited during the run:\n" + child.log_tail())
