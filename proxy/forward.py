@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import logging
 from typing import AsyncIterator, Mapping, Protocol
 
 import aiohttp
@@ -21,8 +20,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.config import Timeouts
 from proxy.headers import client_response_headers
 from proxy.transport import Connection, ConnectFailed, ConnectTimeout, FirstByteTimeout, IdleTimeout, Pool, TransportError, origin_of
-
-log = logging.getLogger("carbon_proxy.forward")
 
 
 class BodyMode(enum.Enum):
@@ -104,7 +101,7 @@ class Forwarder:
         """Loop time at which a stopping server cuts what is still open (`shutdown`)."""
 
     async def start(self) -> None:
-        pass
+        """Nothing to open: the pool connects on first use."""
 
     async def close(self) -> None:
         await self.pool.close()
