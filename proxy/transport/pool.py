@@ -92,7 +92,6 @@ class Pool:
     def __init__(self, *, keepalive_seconds: float = 30.0) -> None:
         self._keepalive_seconds = keepalive_seconds
         self._idle: dict[Origin, list[Connection]] = {}
-        self._idle_of: dict[Connection, Origin] = {}
         self._open: set[Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
@@ -155,7 +154,6 @@ class Pool:
         conn.reused = True
         conn.idle_since = asyncio.get_running_loop().time()
         self._idle.setdefault(origin, []).append(conn)
-        self._idle_of[conn] = origin
         if self._sweeper is None:
             self._arm_sweeper()
 
@@ -166,7 +164,6 @@ class Pool:
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
-        self._idle_of.clear()
         await asyncio.sleep(0)  # let the transports run connection_lost
 
     # -- internals --------------------------------------------------------------------
@@ -175,7 +172,6 @@ class Pool:
         idle = None if fresh else self._idle.get(origin)
         while idle:
             conn = idle.pop()
-            del self._idle_of[conn]
             if not conn.lost and conn.transport is not None and not conn.transport.is_closing():
                 return conn
         return await self._connect(origin, connect_timeout_seconds, deadline)
@@ -205,11 +201,9 @@ class Pool:
 
     def _lost(self, conn: Connection) -> None:
         self._open.discard(conn)
-        origin = self._idle_of.pop(conn, None)
-        if origin is not None:
-            idle = self._idle.get(origin)
-            if idle is not None and conn in idle:
-                idle.remove(conn)
+        idle = self._idle.get(conn.origin) if conn.origin is not None else None
+        if idle and conn in idle:  # the server closed an idle one
+            idle.remove(conn)
 
     def _arm_sweeper(self) -> None:
         loop = asyncio.get_running_loop()
@@ -221,10 +215,8 @@ class Pool:
         for idle in self._idle.values():
             # Newest last: the stale ones are at the front.
             while idle and idle[0].idle_since < cutoff:
-                conn = idle.pop(0)
-                self._idle_of.pop(conn, None)
-                conn.close()
-        if self._idle_of:
+                idle.pop(0).close()
+        if any(self._idle.values()):
             self._arm_sweeper()
 
 
