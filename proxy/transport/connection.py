@@ -130,9 +130,7 @@ class Connection(asyncio.Protocol):
                 message = "upstream closed the connection before responding"
                 self._error = TransportError(message, sent_nothing=self.reused and not self._received_any)
             self._wake()
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        _settle(self._drain_waiter)
         self._on_lost(self)
 
     def pause_writing(self) -> None:
@@ -140,9 +138,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        _settle(self._drain_waiter)
 
     # -- httptools callbacks ----------------------------------------------------------
 
@@ -233,9 +229,7 @@ class Connection(asyncio.Protocol):
             else:  # the answer came before the whole body went out: the framing is lost
                 writer.cancel()
                 self._keep_alive = False
-        if self._reading_paused and not self.lost and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
+        self._resume_reading()
 
     def send(self, head: bytes, body: bytes | AsyncIterator[bytes] | None) -> None:
         """Write the request: at once when the body is in memory, else chunked from a task
@@ -293,9 +287,7 @@ class Connection(asyncio.Protocol):
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._buffered_bytes = 0
-        if self._reading_paused and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
+        self._resume_reading()
         return data
 
     async def read(self) -> bytes:
@@ -341,6 +333,14 @@ class Connection(asyncio.Protocol):
             self._waiter = None
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _settle(self._waiter)
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and not self.lost and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+
+def _settle(waiter: "asyncio.Future[None] | None") -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
