@@ -10,7 +10,6 @@ import logging
 import time
 from typing import AsyncIterator, Callable
 
-import orjson
 from aiohttp import web
 
 from proxy.accounting import Accountant, Figures, GroupPricing
@@ -23,15 +22,16 @@ from proxy.dialects.base import parse_json_object
 from proxy.exchange import MeteredExchange, RequestMeta
 from proxy.forward import Forwarder, json_error
 from proxy.headers import request_id_from, upstream_request_headers
+from proxy.local import LocalEndpoint, LocalRequest, LocalResponse, error_response
 from proxy.meters.base import Meter
 from proxy.meters.sampler import Sampler
+from proxy.receipts.endpoint import receipts_endpoint
 from proxy.receipts.model import Receipt, ReceiptStore
 from proxy.routing import Router
-from proxy.tenants import Tenancy, credential_hash, credential_of
+from proxy.tenants import Tenancy
 
 log = logging.getLogger("carbon_proxy")
 
-RECEIPTS_PREFIX = "/carbon-proxy/v1/receipts/"
 INSPECT_LIMIT_BYTES = 4 * 1024 * 1024
 """Request bodies up to this size are read whole (routing by model, asking for usage);
 larger ones stream to the upstream untouched."""
@@ -75,6 +75,8 @@ class ProxyServer:
         self.on_record(self.budgets.on_record)
         self._commit_wait_seconds = config.receipts.commit_wait_ms / 1000
         self._written = getattr(receipts, "written", None)
+        self.local_endpoints: list[LocalEndpoint] = []
+        self.add_local(receipts_endpoint(receipts))
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -133,6 +135,17 @@ class ProxyServer:
         await self.receipts.close()
         await self.intensity.close()
         await self.meter.close()
+
+    def add_local(self, endpoint: LocalEndpoint) -> None:
+        """Answer requests under `endpoint.prefix` here instead of forwarding them."""
+        self.local_endpoints.append(endpoint)
+        self.local_endpoints.sort(key=lambda e: -len(e.prefix))  # longest prefix wins
+
+    def local_endpoint_for(self, path: str) -> LocalEndpoint | None:
+        for endpoint in self.local_endpoints:
+            if path.startswith(endpoint.prefix) or path == endpoint.prefix.rstrip("/"):
+                return endpoint
+        return None
 
     def on_record(self, listener: Callable[[Receipt, Figures | None, MeteredExchange], None]) -> None:
         """Called with every receipt written (provisional, then final): metrics subscribe here."""
@@ -199,8 +212,9 @@ class ProxyServer:
         if request.method == "CONNECT":
             return self._reject(405, "method_not_allowed", "CONNECT is not supported")
         path = request.path
-        if path.startswith(RECEIPTS_PREFIX):
-            return await self._receipt(request, path[len(RECEIPTS_PREFIX) :])
+        local = self.local_endpoint_for(path)
+        if local is not None:
+            return await self._local(request, local)
 
         max_body = self.config.server.max_body_bytes
         length = request.content_length
@@ -289,21 +303,31 @@ class ProxyServer:
             return self._too_large()
         return response
 
-    async def _receipt(self, request: web.BaseRequest, request_id: str) -> web.Response:
-        if request.method != "GET":
-            return json_error(405, "method_not_allowed", "receipts are read with GET")
-        caller = credential_hash(credential_of(request.headers))
+    async def _local(self, request: web.BaseRequest, endpoint: LocalEndpoint) -> web.Response:
+        """Bridge from aiohttp's request to a server-agnostic LocalEndpoint handler."""
+        answer = await self._answer_local(request, endpoint)
+        return web.Response(status=answer.status, body=answer.body, content_type=answer.content_type, headers=answer.headers)
+
+    async def _answer_local(self, request: web.BaseRequest, endpoint: LocalEndpoint) -> LocalResponse:
+        limit = endpoint.max_body_bytes
+        too_large = error_response(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
+        if request.content_length is not None and request.content_length > limit:
+            return too_large
+        parts: list[bytes] = []
+        size = 0
+        if request.body_exists:
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    return too_large
+                parts.append(chunk)
+        tenant, cred_hash = self.tenancy.identify(request.headers)
+        local = LocalRequest(request.method, request.path, request.query, request.headers, b"".join(parts), cred_hash, tenant)
         try:
-            receipt = await self.receipts.get(request_id)
+            return await endpoint.handler(local)
         except Exception:
-            log.exception("receipt lookup failed")
-            return json_error(503, "receipts_unavailable", "the receipt store is not available right now")
-        if receipt is not None and receipt.credential_hash is not None and caller is None:
-            return json_error(401, "authentication_required", "send the credential that made the request")
-        if receipt is None or receipt.credential_hash != caller:
-            # Same answer for 'absent' and 'not yours': ids of others are not disclosed.
-            return json_error(404, "receipt_not_found", f"no receipt {request_id!r} for this credential")
-        return web.Response(body=orjson.dumps(receipt.public()), content_type="application/json")
+            log.exception("local endpoint %s failed", endpoint.prefix)
+            return error_response(500, "internal_error", "the proxy failed to answer this request")
 
 
 class _LimitedBody:
