@@ -38,7 +38,7 @@ def test_constant_and_zone_forms() -> None:
 def test_live_providers_and_their_fallbacks() -> None:
     em = build({"provider": "electricitymaps", "zone": "US-CAL-CISO", "forecast": True, "poll_seconds": 600})
     assert isinstance(em, ElectricityMapsProvider) and em.fallback.current().source == "table:USA"
-    assert em.poll_seconds == 600 and em.forecast
+    assert em.poll_seconds == 600 and em.fetch_forecast
     wt = build({"provider": "watttime", "zone": "CAISO_NORTH", "fallback_zone": "USA"})
     assert isinstance(wt, WattTimeProvider) and wt.fallback.current().source == "table:USA"
     uk = build({"provider": "ukgrid", "postcode": "SW1A 1AA"})

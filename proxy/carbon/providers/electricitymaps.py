@@ -47,7 +47,7 @@ class ElectricityMapsProvider(PollingProvider):
         self.zone = zone
         self._token = token
         self._base_url = base_url.rstrip("/")
-        self.forecast = forecast
+        self.fetch_forecast = forecast
 
     def secret_values(self) -> tuple[str, ...]:
         return (self._token.reveal(),)
@@ -65,7 +65,7 @@ class ElectricityMapsProvider(PollingProvider):
     async def fetch(self) -> list[IntensityPoint]:
         latest = parse_latest(await self._get("carbon-intensity/latest"))
         points = [latest]
-        if self.forecast:
+        if self.fetch_forecast:
             try:
                 forecast = parse_forecast(await self._get("carbon-intensity/forecast"))
             except Exception as exc:  # the forecast is a bonus; the latest value still counts

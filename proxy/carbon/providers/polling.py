@@ -20,6 +20,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 import aiohttp
 import orjson
 
+from proxy.carbon.forecast import ForecastWindow, flat, windows_from_points
 from proxy.carbon.intensity import IntensityReading
 from proxy.carbon.providers.parsing import MalformedResponse, parse_retry_after
 from proxy.carbon.table import TableIntensity
@@ -160,6 +161,23 @@ class PollingProvider(abc.ABC):
             return self._reading_at(float(unix_seconds))
         except Exception:  # never raise into the request path
             return self._fallback_reading
+
+    def forecast(self, now_unix: float, horizon_seconds: float) -> list[ForecastWindow]:
+        """The cached points from the one in force at `now` on (proxy.carbon.forecast).
+
+        Nothing usable (no point yet, or the newest is past `stale_after_seconds`): the
+        fallback's flat line, so a caller never plans on data the poller would not serve.
+        """
+        try:
+            index = bisect.bisect_right(self._times, now_unix) - 1
+            fresh = index >= 0 and now_unix - self._times[index] <= self.stale_after_seconds
+            points = [self._points[t] for t in self._times[index:]] if fresh else []
+            windows = windows_from_points([(p.valid_from_unix, p.g_per_kwh, p.estimated) for p in points], now_unix, horizon_seconds)
+        except Exception:  # never raise into a caller
+            windows = []
+        if windows:
+            return windows
+        return flat(self._fallback_reading.g_per_kwh, now_unix, horizon_seconds, estimated=True)
 
     def change_points(self, t0_unix: float, t1_unix: float) -> list[float]:
         """Times inside (t0, t1) where the value at() returns may change: data-point
