@@ -19,7 +19,7 @@ from proxy.carbon.intensity import ConstantIntensity, IntensityProvider
 from proxy.carbon.providers.carbonaware import CarbonAwareSdkProvider
 from proxy.carbon.providers.electricitymaps import ElectricityMapsProvider
 from proxy.carbon.providers.parsing import MAX_PLAUSIBLE_G_PER_KWH
-from proxy.carbon.providers.ukgrid import REGION_IDS, UkGridProvider, outward_code
+from proxy.carbon.providers.ukgrid import REGION_IDS, UkGridProvider, is_northern_ireland, outward_code
 from proxy.carbon.providers.watttime import WattTimeProvider
 from proxy.carbon.table import TableIntensity, country_for_zone, find_zone
 from proxy.errors import ConfigError
@@ -175,6 +175,12 @@ def build_intensity_provider(
             raise ConfigError(_key("postcode"), "set region_id or postcode, not both")
         if postcode is not None and outward_code(postcode) is None:
             raise ConfigError(_key("postcode"), f"{postcode!r} is not a UK postcode (e.g. \"RG10\" or \"SW1A 1AA\")")
+        if postcode is not None and is_northern_ireland(outward_code(postcode) or ""):
+            raise ConfigError(
+                _key("postcode"),
+                f"{postcode!r} is in Northern Ireland, which the UK Carbon Intensity API does not cover "
+                "(Great Britain only); use provider = \"electricitymaps\" with zone = \"GB-NIR\", or zone = \"GBR\" from the table",
+            )
         return UkGridProvider(
             fallback=_fallback(carbon, "GBR", provider), region_id=region_id, postcode=postcode,
             base_url=url or UkGridProvider.DEFAULT_URL, **polling,

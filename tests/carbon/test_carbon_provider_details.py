@@ -46,7 +46,9 @@ async def test_electricitymaps_sends_auth_token_and_zone(fake_api: FakeApi) -> N
     fake_api.script("/v3/carbon-intensity/latest", Reply(json=em_latest("DE", 300, hour_start(time.time()), estimated=True)))
     async with running(_em(fake_api)) as provider:
         seen = fake_api.hits("/v3/carbon-intensity/latest")[0]
-        assert seen.headers["auth-token"] == EM_TOKEN and seen.query == {"zone": "DE"}
+        assert seen.headers["auth-token"] == EM_TOKEN
+        # Never the caller's IP location in place of a zone without data (both names the docs have used).
+        assert seen.query == {"zone": "DE", "disableCallerLookup": "true", "shouldUseFallbackCallerLookup": "false"}
         reading = provider.current()
         assert reading.estimated and "intensity_estimated=true" in reading.basis()
 
@@ -77,7 +79,8 @@ async def test_electricitymaps_rereads_a_rotated_token_file_on_401(fake_api: Fak
 
 async def test_watttime_logs_in_with_basic_auth_and_converts_lbs_per_mwh(fake_api: FakeApi) -> None:
     fake_api.script("/login", Reply(json=wt_login(WT_TOKEN)))
-    fake_api.script("/v3/forecast", Reply(json=wt_forecast("CAISO_NORTH", [(time.time() - 10, 900.0), (time.time() + 290, 100.0)])))
+    # horizon_hours=0 answers one point (the newest forecast's first), per WattTime's OpenAPI spec.
+    fake_api.script("/v3/forecast", Reply(json=wt_forecast("CAISO_NORTH", [(time.time() - 10, 900.0)])))
     async with running(_wt(fake_api)) as provider:
         login = fake_api.hits("/login")[0]
         assert login.headers["Authorization"] == "Basic " + base64.b64encode(f"{WT_USER}:{WT_PASS}".encode()).decode()
@@ -86,8 +89,8 @@ async def test_watttime_logs_in_with_basic_auth_and_converts_lbs_per_mwh(fake_ap
         assert data.query == {"region": "CAISO_NORTH", "signal_type": "co2_moer", "horizon_hours": "0"}
         reading = provider.current()
         assert reading.g_per_kwh == pytest.approx(900.0 * 0.45359237)
-        assert reading.marginal and not reading.estimated and "marginal=true" in reading.basis()
-        assert provider.at(time.time() + 295).estimated  # later points are forecasts
+        assert reading.marginal and reading.estimated and "marginal=true" in reading.basis()
+        assert "intensity_estimated=true" in reading.basis()  # a forecast value, not a measurement
 
 
 async def test_watttime_refreshes_its_token_and_relogs_in_on_401(fake_api: FakeApi) -> None:

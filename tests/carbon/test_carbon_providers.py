@@ -67,7 +67,7 @@ CASES = [
     Case("watttime", "/v3/forecast", _wt,
          lambda now: wt_forecast("CAISO_NORTH", [(now - now % 300, 1000.0)]),
          lambda now: wt_forecast("CAISO_NORTH", [(now - TWO_DAYS, 1000.0)]),
-         453.59237, "watttime:CAISO_NORTH", "table:USA", marginal=True, login_path="/login"),
+         453.59237, "watttime:CAISO_NORTH", "table:USA", marginal=True, estimated=True, login_path="/login"),
     Case("ukgrid", "/intensity", _uk,
          lambda now: uk_national(now - now % 1800, 200, 190), lambda now: uk_national(now - TWO_DAYS, 200, 190),
          190.0, "ukgrid:national", "table:GBR"),

@@ -4,7 +4,10 @@ The WebAPI is self-hosted in front of WattTime or Electricity Maps. Its docs giv
   GET /emissions/bylocation?location=eastus&time=2022-01-01T00:00:00Z&toTime=... ->
     [{"location": "eastus", "time": "2022-05-17T20:45:11.5092741+00:00",
       "rating": 70, "duration": "00:05:00"}]
-with `rating` in g/kWh. Whether the signal is average or marginal depends on the data
+with `rating` in g/kWh. The WebAPI controller answers 204 No Content when it has no data
+for the location and time (no data: the last good value, then the table, polled again at
+the normal pace, not a malformed-response back-off), and writes `rating = -1` for a
+point without a value (the SDK's null): such points are skipped. Whether the signal is average or marginal depends on the data
 source behind your WebAPI (WattTime: marginal), so `marginal` is a setting here.
 """
 
@@ -19,7 +22,7 @@ from proxy.carbon.providers.parsing import (
     intensity_number,
     parse_iso8601,
 )
-from proxy.carbon.providers.polling import IntensityPoint, PollingProvider
+from proxy.carbon.providers.polling import IntensityPoint, NoData, PollingProvider
 from proxy.carbon.table import TableIntensity
 
 
@@ -72,5 +75,10 @@ def parse_emissions(body: Any) -> list[IntensityPoint]:
     for item in body:
         if not isinstance(item, dict):
             raise MalformedResponse("emissions item is not an object")
-        points.append(IntensityPoint(parse_iso8601(item.get("time")), intensity_number(item.get("rating"), "rating")))
+        rating = item.get("rating")
+        if isinstance(rating, (int, float)) and not isinstance(rating, bool) and rating == -1:
+            continue  # the SDK's "no value" marker
+        points.append(IntensityPoint(parse_iso8601(item.get("time")), intensity_number(rating, "rating")))
+    if body and not points:
+        raise NoData("every point has rating -1 (no value)")
     return points

@@ -1,5 +1,13 @@
 """Electricity Maps API v3: `auth-token` header, `/carbon-intensity/latest?zone=`.
 
+Host: `https://api.electricitymaps.com/v3`, the one the current docs name (the legacy
+`api.electricitymap.org` redirects; redirects are never followed, and a 3xx is reported
+as a configuration error naming `carbon.url`). For a zone it has no data for, the API
+may answer for the caller's IP location instead; the request turns that lookup off
+(`disableCallerLookup=true`, the current docs' name, and `shouldUseFallbackCallerLookup=false`,
+the older one; an unknown parameter is ignored), and an answer for another zone is
+refused all the same: the last good value, then the table, with one warning.
+
 Response shape (v3 docs and public clients):
     {"zone": "DE", "carbonIntensity": 302, "datetime": "2019-05-21T00:00:00.000Z",
      "updatedAt": "...", "emissionFactorType": "lifecycle", "isEstimated": false, ...}
@@ -15,7 +23,7 @@ from typing import Any
 
 from proxy.carbon.credentials import Secret
 from proxy.carbon.providers.parsing import MalformedResponse, intensity_number, parse_iso8601
-from proxy.carbon.providers.polling import IntensityPoint, PollingProvider, Unauthorized
+from proxy.carbon.providers.polling import IntensityPoint, PollingProvider, ProviderError, Unauthorized
 from proxy.carbon.table import TableIntensity
 
 log = logging.getLogger("proxy.carbon.intensity")
@@ -25,7 +33,7 @@ class ElectricityMapsProvider(PollingProvider):
     provider_name = "electricitymaps"
     credential_hint = "the Electricity Maps token (carbon.token_env or carbon.token_file)"
 
-    DEFAULT_URL = "https://api.electricitymap.org/v3"
+    DEFAULT_URL = "https://api.electricitymaps.com/v3"
     RESOLUTION_SECONDS = 3600.0
     DEFAULT_POLL_SECONDS = 900.0
     """Hourly data: polling every 15 minutes sees a new hour at most a quarter-interval late."""
@@ -54,7 +62,7 @@ class ElectricityMapsProvider(PollingProvider):
 
     async def _get(self, path: str) -> Any:
         url = f"{self._base_url}/{path}"
-        params = {"zone": self.zone}
+        params = {"zone": self.zone, "disableCallerLookup": "true", "shouldUseFallbackCallerLookup": "false"}
         try:
             return await self.get_json(url, params=params, headers={"auth-token": self._token.reveal()})
         except Unauthorized:
@@ -63,16 +71,30 @@ class ElectricityMapsProvider(PollingProvider):
             return await self.get_json(url, params=params, headers={"auth-token": self._token.reveal()})
 
     async def fetch(self) -> list[IntensityPoint]:
-        latest = parse_latest(await self._get("carbon-intensity/latest"))
+        body = await self._get("carbon-intensity/latest")
+        check_zone(body, self.zone)
+        latest = parse_latest(body)
         points = [latest]
         if self.fetch_forecast:
             try:
-                forecast = parse_forecast(await self._get("carbon-intensity/forecast"))
+                body = await self._get("carbon-intensity/forecast")
+                check_zone(body, self.zone)
+                forecast = parse_forecast(body)
             except Exception as exc:  # the forecast is a bonus; the latest value still counts
                 log.debug("electricitymaps forecast for %s unavailable: %s", self.zone, type(exc).__name__)
             else:
                 points += [p for p in forecast if p.valid_from_unix > latest.valid_from_unix]
         return points
+
+
+class WrongZone(ProviderError):
+    """The API answered for another zone than the one asked for (its caller-IP fallback)."""
+
+
+def check_zone(body: Any, zone: str) -> None:
+    answered = body.get("zone") if isinstance(body, dict) else None
+    if isinstance(answered, str) and answered.upper() != zone.upper():
+        raise WrongZone(f"answered for zone {answered[:20]!r}, not {zone!r}: no data for {zone!r}, refusing another zone's value")
 
 
 def parse_latest(body: Any) -> IntensityPoint:

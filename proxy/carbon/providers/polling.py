@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import aiohttp
 import orjson
+import yarl
 
 from proxy.carbon.forecast import ForecastWindow, flat, windows_from_points
 from proxy.carbon.intensity import IntensityReading
@@ -45,6 +46,29 @@ class Unauthorized(ProviderError):
     def __init__(self, status: int, what: str = "the key") -> None:
         super().__init__(f"HTTP {status}: {what} was refused")
         self.status = status
+
+
+class Forbidden(ProviderError):
+    """HTTP 403: the credentials are fine but this zone, region or plan is not allowed."""
+
+    def __init__(self, what: str = "this zone or region") -> None:
+        super().__init__(f"HTTP 403: the account's plan does not allow {what}")
+
+
+class Redirected(ProviderError):
+    """HTTP 3xx: the configured URL is not the API's own (an old host, or a typo).
+
+    Never followed (it would carry the key to whatever host it names); a configuration
+    error, so the message names the key to fix and where the server pointed.
+    """
+
+    def __init__(self, status: int, location: str, key: str) -> None:
+        super().__init__(f"HTTP {status} redirect to {location or 'an unnamed place'}: {key} is not the API's current URL; set it there")
+        self.status = status
+
+
+class NoData(ProviderError):
+    """The source answered, but has no value for this place and time (e.g. HTTP 204)."""
 
 
 class UpstreamFailed(ProviderError):
@@ -83,6 +107,12 @@ class PollingProvider(abc.ABC):
     marginal: bool = False
     """True for marginal signals (WattTime MOER); set per class or per instance."""
     credential_hint: ClassVar[str] = "the provider's credentials"
+    url_key: ClassVar[str] = "carbon.url"
+    """The config key of the base URL, named when the server redirects."""
+
+    @property
+    def forbidden_what(self) -> str:
+        return f"{self.zone_label!r}"
 
     def __init__(
         self,
@@ -251,7 +281,7 @@ class PollingProvider(abc.ABC):
         try:
             points = await self.fetch()
             if not points:
-                raise MalformedResponse("no data points in the response")
+                raise NoData("no data points in the response")
         except asyncio.CancelledError:
             raise
         except RateLimited as exc:
@@ -262,6 +292,12 @@ class PollingProvider(abc.ABC):
         except Unauthorized as exc:
             self._record_failure(now, f"{exc}; check {self.credential_hint}")
             delay = self.poll_seconds
+        except NoData as exc:  # not a fault: ask again at the normal pace
+            self._record_failure(now, str(exc))
+            delay = self.poll_seconds
+        except (Forbidden, Redirected) as exc:  # retrying soon cannot help: back off
+            self._record_failure(now, str(exc))
+            delay = min(self.max_backoff_seconds, self.poll_seconds * 2.0 ** self._consecutive_failures)
         except Exception as exc:  # outage, timeout, 5xx, malformed body, or a parser bug
             self._record_failure(now, self._describe(exc))
             delay = self._failure_backoff()
@@ -340,10 +376,18 @@ class PollingProvider(abc.ABC):
         async with self._session.get(
             url, params=params, headers=headers, timeout=timeout, allow_redirects=False
         ) as resp:
+            if resp.status == 204:
+                raise NoData("HTTP 204: no data for this place and time")
             if resp.status == 429:
                 raise RateLimited(parse_retry_after(resp.headers.get("Retry-After"), self._clock()))
-            if resp.status in (401, 403):
+            if resp.status == 401:
                 raise Unauthorized(resp.status)
+            if resp.status == 403:
+                raise Forbidden(self.forbidden_what)
+            if 300 <= resp.status < 400:
+                location = yarl.URL(resp.headers.get("Location", ""))
+                where = f"{location.scheme}://{location.host}" if location.host else ""
+                raise Redirected(resp.status, where, self.url_key)
             if resp.status >= 300:
                 raise UpstreamFailed(resp.status)
             body = bytearray()

@@ -28,6 +28,12 @@ REGION_IDS = range(1, 18)
 _OUTWARD = re.compile(r"^[A-Z]{1,2}[0-9][A-Z0-9]?$")
 
 
+def is_northern_ireland(outward: str) -> bool:
+    """BT postcodes: Northern Ireland is on the all-island grid (SONI/EirGrid), which the
+    GB-only Carbon Intensity API does not cover (its regions are 1..17, all in Great Britain)."""
+    return outward.upper().startswith("BT")
+
+
 def outward_code(postcode: str) -> str | None:
     """The outward part of a UK postcode ('RG10 9AB' -> 'RG10'), or None if it is not one."""
     text = postcode.strip().upper()
@@ -62,6 +68,8 @@ class UkGridProvider(PollingProvider):
             code = outward_code(postcode)
             if code is None:
                 raise ValueError(f"{postcode!r} is not a UK postcode")
+            if is_northern_ireland(code):
+                raise ValueError(f"{code!r} is in Northern Ireland, outside the API's coverage (Great Britain only)")
             label, path = f"postcode-{code}", f"regional/postcode/{code}"
         else:
             label, path = "national", "intensity"

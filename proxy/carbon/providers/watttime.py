@@ -6,8 +6,14 @@ The current value comes from GET /v3/forecast?region=&signal_type=co2_moer&horiz
     {"data": [{"point_time": "2024-04-01T00:00:00+00:00", "value": 870.0}, ...],
      "meta": {"region": "CAISO_NORTH", "signal_type": "co2_moer",
               "units": "lbs_co2_per_mwh", "data_point_period_seconds": 300, ...}}
+With `horizon_hours=0` the answer holds one point: the first point of the newest
+forecast, so it is flagged estimated like every forecast value (WattTime serves no
+measured real-time MOER on v3; `/v3/historical` is the model's own estimate too).
 Values are converted to g/kWh (x 0.45359237) and flagged marginal: a MOER says what one
 more kWh emits now, not the average mix a location-based inventory uses.
+A 401 means the token expired: log in again once. A 403 means the account's plan does
+not cover this region or signal (the spec's answer for a non-subscriber outside
+CAISO_NORTH): logging in again cannot help, so the token is kept and the poller backs off.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ class WattTimeProvider(PollingProvider):
     provider_name = "watttime"
     marginal = True
     credential_hint = "the WattTime username and password (carbon.username_env / carbon.password_env)"
+
+    @property
+    def forbidden_what(self) -> str:
+        return f"region {self.region!r} with signal {self.signal_type!r} (check /v3/my-access)"
 
     DEFAULT_URL = "https://api.watttime.org/v3"
     DEFAULT_LOGIN_URL = "https://api.watttime.org/login"
@@ -135,5 +145,5 @@ def parse_moer(body: Any) -> list[IntensityPoint]:
             )
         )
     points.sort(key=lambda p: p.valid_from_unix)
-    # The first point is the current (real-time) value; any later ones are forecasts.
-    return points[:1] + [IntensityPoint(p.valid_from_unix, p.g_per_kwh, estimated=True) for p in points[1:]]
+    # Every point of /v3/forecast is a forecast, the horizon-0 one included.
+    return [IntensityPoint(p.valid_from_unix, p.g_per_kwh, estimated=True) for p in points]
