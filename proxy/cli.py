@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from typing import Sequence
 
+from proxy import __version__
 from proxy.config import (
     METERS,
     Config,
@@ -139,6 +140,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="carbon-proxy", description="Measure the energy and CO2e of each model request.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="run the proxy")
