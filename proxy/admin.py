@@ -14,6 +14,19 @@ from proxy.app import ProxyServer
 READY_STALENESS_SECONDS = 10.0
 
 
+def receipts_check(store: object) -> dict[str, object]:
+    """Ready while the receipts writer runs. A failing database (disk full) keeps the proxy
+    ready: requests are served and receipts wait in memory; a dead writer loses them."""
+    writer_up = getattr(store, "writer_up", True)  # stores without a writer thread: always
+    return {
+        "ok": bool(writer_up),
+        "writer_up": bool(writer_up),
+        "healthy": getattr(store, "healthy", True),
+        "pending": getattr(store, "pending", 0),
+        "error": getattr(store, "last_error", None),
+    }
+
+
 def create_admin_app(server: ProxyServer, registry: CollectorRegistry, upstreams_ok: Callable[[], Awaitable[dict[str, bool]]] | None = None) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         body = generate_latest(registry)
@@ -32,7 +45,9 @@ def create_admin_app(server: ProxyServer, registry: CollectorRegistry, upstreams
         checks["meter"] = {"ok": meter_ok, "kind": server.meter.kind, "staleness_seconds": staleness, "error": health.last_error if health else None}
         upstreams = await upstreams_ok() if upstreams_ok is not None else {}
         checks["upstreams"] = upstreams
-        ready = meter_ok and all(upstreams.values())
+        receipts = receipts_check(server.receipts)
+        checks["receipts"] = receipts
+        ready = meter_ok and all(upstreams.values()) and bool(receipts["ok"])
         body = orjson.dumps({"status": "ready" if ready else "not_ready", "checks": checks})
         return web.Response(status=200 if ready else 503, body=body, content_type="application/json")
 

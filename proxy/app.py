@@ -21,6 +21,7 @@ from proxy.dialects import dialect_for
 from proxy.dialects.base import parse_json_object
 from proxy.exchange import MeteredExchange, RequestMeta
 from proxy.forward import Forwarder, json_error
+from proxy.header_guard import RateLimitedLog, first_bad_header, headers_read, invalid_header_message, where
 from proxy.headers import request_id_from, upstream_request_headers
 from proxy.local import LocalEndpoint, LocalRequest, LocalResponse, error_response
 from proxy.meters.base import Meter
@@ -77,6 +78,8 @@ class ProxyServer:
         self._written = getattr(receipts, "written", None)
         self.local_endpoints: list[LocalEndpoint] = []
         self.add_local(receipts_endpoint(receipts))
+        self._read_headers = headers_read(self.tenancy.header, config.server.trust_forwarded)
+        self._log_unexpected = RateLimitedLog(log)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -197,9 +200,25 @@ class ProxyServer:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
+            bad = first_bad_header(request.headers, self._read_headers)
+            if bad is not None:
+                return self._reject(400, "invalid_header", invalid_header_message(bad))
             return await self._handle(request)
         except BodyTooLarge:
             return self._too_large()
+        except Exception as exc:
+            return self._last_resort(request, exc)
+
+    def _last_resort(self, request: web.BaseRequest, exc: Exception) -> web.Response:
+        """A bug or a client gone mid-answer: one log line (rate-limited, no values) and a
+        JSON 500, never aiohttp's plain-text page and a traceback per request."""
+        if isinstance(exc, ConnectionError):
+            log.debug("client connection failed while answering (%s)", type(exc).__name__)
+        else:
+            self._log_unexpected(logging.ERROR, "request failed unexpectedly (%s); answered 500", where(exc))
+        if request.writer.output_size > 0 and request.transport is not None:
+            request.transport.close()  # part of an answer went out: the 500 cannot follow it
+        return json_error(500, "internal_error", "the proxy failed to answer this request")
 
     def _too_large(self) -> web.Response:
         limit = self.config.server.max_body_bytes
@@ -325,8 +344,8 @@ class ProxyServer:
         local = LocalRequest(request.method, request.path, request.query, request.headers, b"".join(parts), cred_hash, tenant)
         try:
             return await endpoint.handler(local)
-        except Exception:
-            log.exception("local endpoint %s failed", endpoint.prefix)
+        except Exception as exc:
+            self._log_unexpected(logging.ERROR, "local endpoint %s failed (%s)", endpoint.prefix, where(exc))
             return error_response(500, "internal_error", "the proxy failed to answer this request")
 
 

@@ -43,7 +43,7 @@ class StateCollector(Collector):
         return ()  # names are dynamic per scrape; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        sections: tuple[Callable[[], list[Metric]], ...] = (self._energy, self._devices, self._meter, self._intensity)
+        sections: tuple[Callable[[], list[Metric]], ...] = (self._energy, self._devices, self._meter, self._intensity, self._receipts)
         for section in sections:
             try:
                 metrics = section()
@@ -174,3 +174,21 @@ class StateCollector(Collector):
             age.add_metric([reading.source], 0.0)
             failures.add_metric([reading.source], 0.0)
         return [intensity, stale, up, age, failures]
+
+    def _receipts(self) -> list[Metric]:
+        # Stores without a writer thread (memory) are always up and never drop poison.
+        store = self._proxy.receipts
+        up = _gauge("carbon_proxy_receipts_writer_up", "1 while the receipts writer runs; 0: receipts are no longer written.")
+        up.add_metric([], 1.0 if getattr(store, "writer_up", True) else 0.0)
+        counters = (
+            ("written", "written_total", "Receipt rows written to the database."),
+            ("dropped", "dropped_total", "Receipts lost: queue full, or not written by shutdown."),
+            ("poison", "poison_total", "Receipts that could never be stored (e.g. text that is not UTF-8), dropped alone."),
+            ("write_errors", "write_errors_total", "Failed writes of a batch (retried)."),
+        )
+        metrics: list[Metric] = [up]
+        for name, attribute, doc in counters:
+            counter = _counter(f"carbon_proxy_receipts_{name}", doc)
+            counter.add_metric([], float(getattr(store, attribute, 0)))
+            metrics.append(counter)
+        return metrics

@@ -17,6 +17,7 @@ from proxy.build import build_embodied_rates, build_intensity, build_receipts, r
 from proxy.carbon.intensity import IntensityProvider
 from proxy.config import Config
 from proxy.meters.base import Meter
+from proxy.public_errors import JsonErrorServer
 from proxy.receipts.model import ReceiptStore
 
 log = logging.getLogger("carbon_proxy")
@@ -82,7 +83,7 @@ class Service:
         self._install_metrics()
         server = self.config.server
         # The low-level server: no router or middleware on the per-request path.
-        low_level = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
+        low_level = JsonErrorServer(self.proxy.handle, handler_cancellation=True, access_log=None)
         self._public = web.ServerRunner(low_level, shutdown_timeout=server.drain_seconds, handle_signals=False)
         await self._public.setup()
         site = web.TCPSite(self._public, server.listen.host, server.listen.port, backlog=4096, reuse_address=True)

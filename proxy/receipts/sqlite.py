@@ -9,7 +9,14 @@
   before its last bytes go out, so a completed response has a durable receipt. The wait
   is bounded, and skipped while the store is failing: storage never holds a request.
 - Failure (disk full, locked, unwritable directory): the batch goes back to the queue,
-  the error is logged once and counted, and the writer retries with backoff. The queue
+  the error is logged once and counted, and the writer retries with backoff.
+- Poison: a row that can never be written (a value SQLite cannot bind, such as text that
+  is not UTF-8) fails its batch with a non-transient error. The batch is then retried row
+  by row: the poison row is logged (first one, with the reason), counted and dropped; the
+  rest are written. No row can stop the writer.
+- A writer that stopped anyway (a bug) is visible: `writer_up` turns false (readiness
+  and metrics show it), responses stop waiting for commits, and close() logs how many
+  receipts were lost. The queue
   is bounded (max_pending): past it, receipts of new requests are dropped and counted;
   updates of queued ones are always taken, since they add nothing.
 - Housekeeping on the writer thread: rows left provisional by a crashed process are
@@ -95,12 +102,20 @@ class SqliteReceiptStore:
         self.commit_wait_timeouts_total = 0
         self.settled_at_restart = 0
         self.purged_total = 0
+        self.poison_total = 0
+        self._poison_logged = False
+        self._crashed = False
         self.healthy = False
         self.last_error: str | None = None
 
     @property
     def pending(self) -> int:
         return len(self._pending) + len(self._writing)
+
+    @property
+    def writer_up(self) -> bool:
+        """True while the writer thread runs (false before start, after close, and if it died)."""
+        return self._thread is not None and self._thread.is_alive() and not self._crashed
 
     # -- event loop side --------------------------------------------------------------
 
@@ -110,7 +125,7 @@ class SqliteReceiptStore:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="receipts-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run_guarded, name="receipts-writer", daemon=True)
         self._thread.start()
         self._checkpointer = threading.Thread(target=self._checkpoints, name="receipts-checkpoint", daemon=True)
         self._checkpointer.start()
@@ -155,7 +170,7 @@ class SqliteReceiptStore:
                 generation = self._generation - 1
             else:
                 return True
-            if not self.healthy or timeout_seconds <= 0:
+            if not self.healthy or timeout_seconds <= 0 or not self.writer_up:
                 return False
             future: asyncio.Future[bool] = self._loop.create_future()
             self._waiters.setdefault(generation, []).append(future)
@@ -185,6 +200,13 @@ class SqliteReceiptStore:
             self._cond.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30.0)
+        if self._crashed:
+            with self._cond:
+                lost = len(self._pending) + len(self._writing)
+                self._pending, self._writing = {}, {}
+            if lost:
+                self.dropped_total += lost
+                log.error("receipts: %d receipt(s) could not be written: the writer had stopped (%s)", lost, self.last_error)
         self._stop_checkpoints.set()
         if self._checkpointer is not None:
             await asyncio.to_thread(self._checkpointer.join, 30.0)
@@ -222,6 +244,16 @@ class SqliteReceiptStore:
             pass  # the loop is gone (shutdown): nobody is waiting any more
 
     # -- writer thread ----------------------------------------------------------------
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # a bug: say so where operators look, never silently
+            self._crashed = True
+            self.healthy = False
+            self.last_error = f"the writer stopped on {type(exc).__name__}"
+            log.critical("receipts: the writer thread stopped (%s); receipts are no longer written", type(exc).__name__, exc_info=True)
+            self._call_on_loop(self._release_all)
 
     def _run(self) -> None:
         conn: sqlite3.Connection | None = None
@@ -340,9 +372,13 @@ class SqliteReceiptStore:
         return conn
 
     def _write(self, conn: sqlite3.Connection, batch: dict[str, Row]) -> bool:
+        """Write the batch; False (the batch stays queued) on a transient failure. Poison
+        rows are removed from `batch` and dropped."""
         try:
             schema.upsert(conn, list(batch.values()))
-        except sqlite3.Error as exc:
+        except Exception as exc:
+            if not _transient(exc):
+                return self._write_row_by_row(conn, batch)
             self.write_errors_total += 1
             self._failed(f"writing {len(batch)} receipt(s) to {self.path} failed: {exc}")
             return False
@@ -350,6 +386,39 @@ class SqliteReceiptStore:
         self.batches_total += 1
         self._recovered()
         return True
+
+    def _write_row_by_row(self, conn: sqlite3.Connection, batch: dict[str, Row]) -> bool:
+        """A batch failed on its data: find the row(s) that can never be written."""
+        written = 0
+        for key, row in list(batch.items()):
+            try:
+                schema.upsert(conn, [row])
+            except Exception as exc:
+                if _transient(exc):  # the database itself failed meanwhile: retry later
+                    self.written_total += written
+                    self.write_errors_total += 1
+                    self._failed(f"writing receipts to {self.path} failed: {exc}")
+                    return False
+                del batch[key]
+                self._poison(key, row, exc)
+                continue
+            written += 1
+        self.written_total += written
+        self.batches_total += 1
+        self._recovered()
+        return True
+
+    def _poison(self, key: str, row: Row, exc: Exception) -> None:
+        self.poison_total += 1
+        if self._poison_logged:  # counted in the metrics; one line is enough to find the cause
+            log.debug("receipts: dropped unwritable receipt %.128r (%s)", key, type(exc).__name__)
+            return
+        self._poison_logged = True
+        log.error(
+            "receipts: dropped receipt %.128r: it cannot be stored (%s%s); later ones are only counted "
+            "(carbon_proxy_receipts_poison_total)",
+            key, type(exc).__name__, _bad_column(row),
+        )  # fmt: skip
 
     def _maintain(self, conn: sqlite3.Connection) -> bool:
         """Retention purge (a chunk) and size cap. True when more expired rows remain."""
@@ -409,6 +478,23 @@ class SqliteReceiptStore:
         marks = ", ".join("?" * len(periods))
         rows = self._query(f"SELECT tenant, period, co2e_grams FROM tenant_usage WHERE period IN ({marks})", periods)
         return {(str(tenant), str(period)): float(grams) for tenant, period, grams in rows}  # type: ignore[arg-type]
+
+
+def _transient(exc: BaseException) -> bool:
+    """Errors of the database itself (locked, full, I/O, not a database): retrying the same
+    rows later can succeed. Anything else (binding, encoding, constraints) is the data."""
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+
+
+def _bad_column(row: Row) -> str:
+    """Which column holds text that is not UTF-8 (named, never shown: it may be a secret)."""
+    for name, value in zip(FIELD_NAMES, row):
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return f" in column {name}: not UTF-8 text"
+    return ""
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
