@@ -128,9 +128,12 @@ class HostileProxy:
         """The receipt as it is in the database file, read like an operator would."""
         if not self.db_path.exists():
             return None
-        with sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True) as conn:
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
+        try:  # closed here: `with` on a sqlite3 connection only ends a transaction
             conn.row_factory = sqlite3.Row
             row = conn.execute("SELECT * FROM receipts WHERE request_id = ?", (request_id,)).fetchone()
+        finally:
+            conn.close()
         return dict(row) if row is not None else None
 
     async def normal_request(self) -> str:
