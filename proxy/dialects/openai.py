@@ -21,6 +21,7 @@ from proxy.dialects.base import (
     parse_json_object,
 )
 from proxy.dialects.framing import SseReader, event_data
+from proxy.dialects.json_splice import with_include_usage
 
 _USAGE = b'"usage":'
 _NULL_USAGE_VARIANTS = (b',"usage":null', b', "usage": null', b'"usage":null,', b'"usage": null, ')
@@ -139,16 +140,14 @@ class OpenAIDialect(Dialect):
         info.model = model if isinstance(model, str) else None
         info.prompt_tokens_estimate = estimate_tokens_from_text(len(body or b""))
         info.stream = data.get("stream") is True
-        if info.stream and path.endswith(_GENERATION_PATHS):
+        if info.stream and path.endswith(_GENERATION_PATHS) and body is not None:
             options = data.get("stream_options")
-            if isinstance(options, dict) and options.get("include_usage") is True:
-                info.client_wants_usage = True
-            else:
-                info.client_wants_usage = False
-                data["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-                # An exact-size copy: orjson's bytes keep a 4 KiB allocation, and the body
-                # lives as long as the request (a stream: seconds to minutes).
-                info.body = memoryview(orjson.dumps(data)).tobytes()
+            info.client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+            # Ask for usage by inserting bytes only (numbers, key order, duplicates stay the
+            # client's); a client that chose include_usage either way is left as it is.
+            rewritten = with_include_usage(body, data)
+            if rewritten is not None:
+                info.body = rewritten
         return info
 
     def reader(self, info: RequestInfo, content_type: str, tick: TokenTick) -> ResponseReader:
