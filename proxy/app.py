@@ -292,6 +292,7 @@ class ProxyServer:
             accountant=self.accountant,
             record=self._record,
             durable=self._receipt_written,
+            max_event_bytes=self.config.server.max_event_bytes,
         )
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         headers = upstream_request_headers(

@@ -48,6 +48,9 @@ class ServerConfig:
     """Non-streaming responses up to this size are held until complete so that the
     emissions headers can be sent with them; larger ones stream and get a receipt only."""
     drain_seconds: float = 30.0
+    max_event_bytes: int = 1024 * 1024
+    """Largest SSE event / NDJSON line of a stream held for reading; a longer one (an
+    upstream that never ends its line) passes through unread, figures flagged."""
     trust_forwarded: bool = False
     """Keep an incoming X-Forwarded-For chain (when behind a trusted load balancer)."""
 
@@ -234,7 +237,7 @@ def _timeouts_as_dict(timeouts: Timeouts) -> dict[str, float]:
 
 
 def _server(table: dict[str, Any]) -> tuple[ServerConfig, Timeouts]:
-    allowed = {"listen", "admin_listen", "max_body_bytes", "max_buffer_bytes", "drain_seconds", "trust_forwarded", "timeouts"}
+    allowed = {"listen", "admin_listen", "max_body_bytes", "max_buffer_bytes", "max_event_bytes", "drain_seconds", "trust_forwarded", "timeouts"}
     _check_keys("server", table, allowed)
     defaults = ServerConfig()
     server = ServerConfig(
@@ -247,6 +250,8 @@ def _server(table: dict[str, Any]) -> tuple[ServerConfig, Timeouts]:
             _number("server.max_buffer_bytes", table.get("max_buffer_bytes", defaults.max_buffer_bytes), positive=True)
         ),
         drain_seconds=_number("server.drain_seconds", table.get("drain_seconds", defaults.drain_seconds), minimum=0),
+        # Below a few KiB, ordinary events (a usage chunk, a long token) would overflow it.
+        max_event_bytes=int(_number("server.max_event_bytes", table.get("max_event_bytes", defaults.max_event_bytes), minimum=4096)),
         trust_forwarded=_boolean("server.trust_forwarded", table.get("trust_forwarded", False)),
     )
     timeouts = _timeouts("server.timeouts", _table("server.timeouts", table.get("timeouts", {})))

@@ -5,6 +5,7 @@ guarded, and on error the bytes pass unchanged and the figures are flagged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from proxy.accounting import Accountant, Figures
 from proxy.attribution import RequestUsage
 from proxy.config import UpstreamConfig
 from proxy.dialects import Dialect, RequestInfo, ResponseReader
+from proxy.dialects.base import DEFAULT_MAX_EVENT_BYTES
 from proxy.dialects.native import read_tgi_headers
 from proxy.forward import BodyMode
 from proxy.receipts.model import Receipt
@@ -46,6 +48,7 @@ class MeteredExchange:
         accountant: Accountant,
         record: Callable[["MeteredExchange", Receipt, Figures | None], None],
         durable: Callable[[str], Awaitable[None]] | None = None,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self.meta = meta
         self.upstream = upstream
@@ -55,6 +58,7 @@ class MeteredExchange:
         self.accountant = accountant
         self._record = record
         self._durable = durable
+        self._max_event_bytes = max_event_bytes
         self.reader: ResponseReader = ResponseReader(info, usage.tick)
         self.status = 0
         self.first_byte_at: float | None = None
@@ -74,6 +78,7 @@ class MeteredExchange:
             encoding = headers.get("Content-Encoding")
             self._encoding = encoding if encoding and encoding.lower() != "identity" else None
             reader = self.dialect.reader(self.info, content_type, self.usage.tick)
+            reader.max_event_bytes = self._max_event_bytes
             if reader.streaming and self._encoding:
                 # A compressed stream cannot be read or appended to without re-encoding it:
                 # pass it through untouched; the receipt still gets time-based figures.
@@ -160,7 +165,7 @@ class MeteredExchange:
                 work_units=work.work_units,
                 prefill_seconds=work.prefill_seconds,
             )
-            figures = self.accountant.figures(self.usage, now)
+            figures = _flagged(self.accountant.figures(self.usage, now), work)
         except Exception:
             log.exception("accounting failed; the request is served without figures")
             return None
@@ -172,6 +177,7 @@ class MeteredExchange:
         """Called once attribution has settled every interval this request touched."""
         if self.receipt is None:
             return
+        figures = _flagged(figures, self.reader.work)
         self.receipt = self._update(self.receipt, figures)
         self._record(self, self.receipt, figures)
 
@@ -221,3 +227,14 @@ class MeteredExchange:
 
     def describe(self) -> dict[str, Any]:
         return {"request_id": self.meta.request_id, "upstream": self.upstream.name, "outcome": self.outcome}
+
+
+UNPARSED_BASIS = "tokens=estimated"
+
+
+def _flagged(figures: Figures, work: Any) -> Figures:
+    """A stream that passed through unread past the event cap: its token counts (and so
+    its share of the energy) are estimates, and the basis says so."""
+    if not work.unparsed:
+        return figures
+    return dataclasses.replace(figures, basis=f"{figures.basis}; {UNPARSED_BASIS}")

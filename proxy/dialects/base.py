@@ -34,6 +34,9 @@ class Work:
     prefill_seconds: float | None = None
     """Server-reported prompt processing time (Ollama, llama.cpp), when given."""
     decode_seconds: float | None = None
+    unparsed: bool = False
+    """The stream outgrew the event cap and passed through unread from there: the counts
+    stop where reading stopped, and the figures say so (`tokens=estimated`)."""
 
     def output_tokens_best(self) -> int:
         return self.output_tokens if self.output_tokens is not None else self.streamed_tokens
@@ -54,11 +57,17 @@ class RequestInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+"""Largest SSE event or NDJSON line a stream reader holds while waiting for its end
+(`server.max_event_bytes`): beyond it the stream passes through unparsed."""
+
+
 class ResponseReader:
     """Reads one response. Subclasses override what they need; the default reads nothing."""
 
     streaming: bool = False
     """True when the body is an incremental stream the reader follows (SSE, NDJSON)."""
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
 
     def __init__(self, info: RequestInfo, tick: TokenTick = _ignore_tick) -> None:
         self.info = info

@@ -3,6 +3,11 @@
 Both forward only whole events/lines (an event split across reads is held until it is
 complete), take a fast path of one substring scan per read when nothing interesting
 passes, and hold the final event(s) so the figures can be placed before or inside them.
+
+An event or line never grows past `max_event_bytes` in memory: an upstream sending one
+without end would otherwise be buffered whole (and copied on every read). Past the cap,
+what is held goes out and the rest of the stream passes through as it comes, unread and
+unchanged; the counts stop there and `work.unparsed` flags the figures.
 """
 
 from __future__ import annotations
@@ -78,12 +83,18 @@ class SseReader(ResponseReader):
         self._held: list[bytes] = []
         self._leftover = b""
         self._blank = b""
+        self._passthrough = False
 
     def feed(self, chunk: bytes, now: float) -> bytes:
+        if self._passthrough:
+            return chunk
         buf = self._pending + chunk if self._pending else chunk
         # Servers write whole events: a read that ends on a boundary needs no search.
         cut = len(buf) if buf.endswith(_LF2) else _last_boundary(buf)
         if cut == 0:
+            if len(buf) > self.max_event_bytes:
+                self._pending = b""
+                return self._overflow(b"", buf)
             self._pending = buf
             return b""
         if cut == len(buf):
@@ -92,6 +103,24 @@ class SseReader(ResponseReader):
                 self._pending = b""
         else:
             ready, self._pending = buf[:cut], buf[cut:]
+            if len(self._pending) > self.max_event_bytes:
+                rest, self._pending = self._pending, b""
+                return self._overflow(self._forward(ready, now), rest)
+        return self._forward(ready, now)
+
+    def _overflow(self, out: bytes, rest: bytes) -> bytes:
+        """An event outgrew the cap: release what is held, pass everything on from here."""
+        self._passthrough = True
+        self.work.unparsed = True
+        return out + self.release_held() + rest
+
+    def release_held(self) -> bytes:
+        """Events held for the tail, as they came (the stream goes unread from here)."""
+        held, self._held = self._held, []
+        return b"".join(held)
+
+    def _forward(self, ready: bytes, now: float) -> bytes:
+        """Complete events: the bytes to send for them now."""
         for marker in self.slow_markers:
             if marker in ready:
                 return self._marked(ready, now)
@@ -127,7 +156,7 @@ class SseReader(ResponseReader):
     def end(self) -> None:
         # An unterminated last event: SSE clients drop it at EOF, so it passes as is and
         # no figures follow it (a terminator would make them dispatch it).
-        if self._pending:
+        if self._pending and not self._passthrough:
             pending, self._pending = self._pending, b""
             if not pending.strip(b"\r\n"):
                 # Blank lines after the last event (one read later than its terminator):
@@ -146,6 +175,8 @@ class SseReader(ResponseReader):
         return None
 
     def tail(self, figures: dict[str, Any] | None) -> bytes:
+        if self._passthrough:
+            return b""  # the stream may have ended mid-event: nothing can follow it safely
         if self._leftover:
             # In their original order: a held [DONE] glued after the fragment would be
             # lost to the client (the fragment's line would swallow its `data:`).
@@ -165,14 +196,34 @@ class NdjsonReader(ResponseReader):
         self._pending = b""
         self._final: bytes | None = None
         self._leftover = b""
+        self._passthrough = False
 
     def feed(self, chunk: bytes, now: float) -> bytes:
+        if self._passthrough:
+            return chunk
         buf = self._pending + chunk if self._pending else chunk
         cut = buf.rfind(b"\n") + 1
         if cut == 0:
+            if len(buf) > self.max_event_bytes:
+                self._pending = b""
+                return self._overflow(b"", buf)
             self._pending = buf
             return b""
         ready, self._pending = buf[:cut], buf[cut:]
+        if len(self._pending) > self.max_event_bytes:
+            rest, self._pending = self._pending, b""
+            return self._overflow(self._forward(ready, now), rest)
+        return self._forward(ready, now)
+
+    def _overflow(self, out: bytes, rest: bytes) -> bytes:
+        """A line outgrew the cap: release the held final line, pass everything on."""
+        self._passthrough = True
+        self.work.unparsed = True
+        final, self._final = self._final, None
+        return out + (final or b"") + rest
+
+    def _forward(self, ready: bytes, now: float) -> bytes:
+        """Complete lines: the bytes to send for them now."""
         if self.final_marker not in ready:
             count = ready.count(b"\n")
             self.work.streamed_tokens += count
@@ -200,13 +251,13 @@ class NdjsonReader(ResponseReader):
         return True
 
     def end(self) -> None:
-        if self._pending:
+        if self._pending and not self._passthrough:
             self._leftover, self._pending = self._pending, b""
             if self._final is None and self.final_marker in self._leftover and self._read_final(self._leftover):
                 self._final, self._leftover = self._leftover, b""
 
     def tail(self, figures: dict[str, Any] | None) -> bytes:
-        if self._final is None:
+        if self._final is None:  # (always so after an overflow: it went out then)
             return self._leftover
         line = self._final
         if figures is not None:

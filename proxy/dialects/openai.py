@@ -107,6 +107,11 @@ class OpenAISseReader(SseReader):
             return b"data: " + orjson.dumps(previous) + b"\n\n"
         return None
 
+    def release_held(self) -> bytes:
+        chunk, self._usage_chunk = self._usage_chunk, None
+        lead = b"data: " + orjson.dumps(chunk) + b"\n\n" if chunk is not None and self.info.client_wants_usage else b""
+        return lead + super().release_held()
+
     def _read_usage(self, usage: dict[str, Any]) -> None:
         self.work.prompt_tokens = as_int(usage.get("prompt_tokens"))
         self.work.output_tokens = as_int(usage.get("completion_tokens", usage.get("output_tokens")))
