@@ -6,6 +6,7 @@ import logging
 
 import orjson
 
+from proxy.header_guard import RateLimitedLog, where
 from proxy.local import LocalEndpoint, LocalRequest, LocalResponse, error_response
 from proxy.receipts.model import ReceiptStore
 
@@ -15,14 +16,17 @@ RECEIPTS_PREFIX = "/carbon-proxy/v1/receipts/"
 
 
 def receipts_endpoint(store: ReceiptStore) -> LocalEndpoint:
+    log_failure = RateLimitedLog(log)
+
     async def handle(request: LocalRequest) -> LocalResponse:
         if request.method != "GET":
             return error_response(405, "method_not_allowed", "receipts are read with GET")
         request_id = request.path[len(RECEIPTS_PREFIX) :]
         try:
             receipt = await store.get(request_id)
-        except Exception:
-            log.exception("receipt lookup failed")
+        except Exception as exc:
+            # Once per interval, no traceback: a store that is down fails every lookup.
+            log_failure(logging.ERROR, "receipt lookup failed (%s)", where(exc))
             return error_response(503, "receipts_unavailable", "the receipt store is not available right now")
         caller = request.credential_hash
         if receipt is not None and receipt.credential_hash is not None and caller is None:

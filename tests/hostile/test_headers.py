@@ -126,3 +126,28 @@ async def test_bytes_in_headers_the_proxy_only_forwards_reach_the_upstream_uncha
     received = hostile_proxy.recorder.headers[-1]["X-Custom"]
     assert received.encode("utf-8", "surrogateescape") == b"caf\xe9\xff"
     await hostile_proxy.after_attack()
+
+
+async def test_a_bug_answers_json_500_with_one_log_line(
+    hostile_proxy: HostileProxy, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last resort: whatever escapes the handler (here a failing router, and a failing
+    local endpoint) is a JSON 500 and at most one log line per interval, no traceback."""
+    caplog.set_level(logging.INFO)
+    proxy = hostile_proxy.service.proxy
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("secret-value-in-a-message")
+
+    monkeypatch.setattr(proxy.router, "route", broken)
+    monkeypatch.setattr(hostile_proxy.store, "get", broken)
+    for method, path, body in PATHS * 3:
+        response = await raw_request(hostile_proxy.port, method.decode(), path, [(b"Authorization", b"Bearer k")], body)
+        assert response.status in (500, 503), response.raw
+        assert response.json()["error"]["code"] == response.status
+    monkeypatch.undo()
+    await hostile_proxy.after_attack()
+    assert_no_traceback(caplog)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("carbon_proxy") and r.levelno >= logging.WARNING]
+    assert 1 <= len(lines) <= 2, lines  # one per kind of failure, not one per request
+    assert not any("secret-value" in line for line in lines)
