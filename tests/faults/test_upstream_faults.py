@@ -13,6 +13,7 @@ import asyncio
 import time
 
 import aiohttp
+import orjson
 
 from .support import (
     CHAT,
@@ -42,7 +43,8 @@ def scripted(faults: dict[str, list]) -> RawUpstream:
         for name, steps in faults.items():
             if target.endswith(b"?fault=" + name.encode()):
                 return steps
-        return ok_sse() if b'"stream":true' in body else ok_json()
+        # Parsed: the proxy forwards the client's own spacing (`"stream": true`).
+        return ok_sse() if body and orjson.loads(body).get("stream") is True else ok_json()
 
     return RawUpstream(script)
 
