@@ -291,3 +291,16 @@ def test_readers_pass_an_over_long_event_through_and_hold_no_more_than_the_cap(
     out.append(reader.tail(None))
     assert b"".join(out) == stream
     assert reader.work.unparsed and reader.work.streamed_tokens <= before
+
+
+@pytest.mark.parametrize("value", [100, 0, -1, "1MiB", True, float("inf")])
+def test_the_event_cap_is_validated(value: object) -> None:
+    from helpers import proxy_config
+
+    from proxy.config import config_from_dict
+    from proxy.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(proxy_config("http://127.0.0.1:1", server={"max_event_bytes": value}))
+    assert error.value.key == "server.max_event_bytes"
+    assert config_from_dict(proxy_config("http://127.0.0.1:1")).server.max_event_bytes == 1024 * 1024
