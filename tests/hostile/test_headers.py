@@ -71,6 +71,8 @@ async def test_protocol_errors_get_json_and_one_log_line(hostile_proxy: HostileP
         assert b"sk-secret" not in response.raw
     response = await raw_request(hostile_proxy.port, "POST", CHAT.encode(), [(b"X-Tenant-Id", b"x" * 9000)], BODY)
     assert response.status == 400 and response.json()["error"]["type"] == "request_header_too_large"
+    response = await raw_request(hostile_proxy.port, "POST", CHAT.encode(), [(b"X-Api-Key", b"k%d" % i) for i in range(200)], BODY)
+    assert response.status == 400 and response.json()["error"]["code"] == 400  # over aiohttp's 128 headers
     await hostile_proxy.after_attack()
     assert_no_traceback(caplog)
     assert not any("sk-secret" in record.getMessage() for record in caplog.records)
