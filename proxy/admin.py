@@ -1,4 +1,4 @@
-"""The admin listener: metrics and health, never on the public port."""
+"""The admin listener: metrics, health and the live page, never on the public port."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.app import ProxyServer
+from proxy.live import add_live_page
 
 # Without a meter sample this recent, the figures are stale: not ready.
 READY_STALENESS_SECONDS = 10.0
@@ -55,4 +56,5 @@ def create_admin_app(server: ProxyServer, registry: CollectorRegistry, upstreams
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    add_live_page(app, server)  # GET /: the live page (proxy/live), admin listener only
     return app

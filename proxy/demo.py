@@ -29,6 +29,7 @@ from proxy.sim.server import run_sim_server
 
 DEMO_INTENSITY_G_PER_KWH = 450.0
 DEMO_PUE = 1.2
+DEMO_TENANTS = ("search", "chat", "batch")
 
 
 @dataclass
@@ -56,6 +57,7 @@ def _banner(proxy_url: str, admin_url: str, sim_url: str) -> str:
     return f"""
 carbon-proxy demo: a simulated GPU and model server behind the proxy
   proxy     {proxy_url}          (point your client's base URL here)
+  live      {admin_url}/          (the live page: open it in a browser)
   metrics   {admin_url}/metrics
   sim       {sim_url}            (the model server, direct)
 
@@ -86,7 +88,8 @@ async def _traffic(proxy_url: str, stop: asyncio.Event, concurrency: int = 4) ->
             body = {"model": "sim-llm", "messages": [{"role": "user", "content": rng.choice(prompts)}], "max_tokens": rng.randint(16, 96)}
             if roll < 0.6:
                 body["stream"] = True
-        async with session.post(proxy_url + url, json=body) as response:
+        headers = {"X-Tenant-Id": rng.choice(DEMO_TENANTS)}
+        async with session.post(proxy_url + url, json=body, headers=headers) as response:
             await response.read()
 
     async def worker() -> None:
@@ -126,6 +129,7 @@ async def run_demo(
                 {"name": "sim-llm", "url": sim.url, "dialect": "openai", "devices": ["0"]},
             ],
             "carbon": {"intensity": DEMO_INTENSITY_G_PER_KWH, "pue": DEMO_PUE},
+            "tenants": {"header": "X-Tenant-Id", "allow": list(DEMO_TENANTS)},
         }
     )
     service = Service(config, meter=SimMeter(gpu), intensity=ConstantIntensity(DEMO_INTENSITY_G_PER_KWH), receipts=MemoryReceiptStore())
