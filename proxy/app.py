@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Mapping
 
 from aiohttp import web
 
@@ -71,6 +71,7 @@ class ProxyServer:
         self._record_listeners: list[Callable[[Receipt, Figures | None, MeteredExchange], None]] = []
         self._forward_listeners: list[Callable[[MeteredExchange], None]] = []
         self._reject_listeners: list[Callable[[str], None]] = []
+        self._header_hooks: list[Callable[[MeteredExchange, Mapping[str, str]], Mapping[str, str] | None]] = []
         self.in_flight = 0
         self.budgets = Budgets(self.tenancy.budgets)
         self.on_record(self.budgets.on_record)
@@ -171,6 +172,11 @@ class ProxyServer:
     def on_forward(self, listener: Callable[[MeteredExchange], None]) -> None:
         """Called just before a request is handed to its upstream (proxy overhead ends here)."""
         self._forward_listeners.append(listener)
+
+    def add_upstream_headers(self, hook: Callable[[MeteredExchange, Mapping[str, str]], Mapping[str, str] | None]) -> None:
+        """`hook(exchange, client headers)` runs once per forwarded request; the headers it
+        returns are set on the upstream request (telemetry: the trace context)."""
+        self._header_hooks.append(hook)
 
     def on_reject(self, listener: Callable[[str], None]) -> None:
         """Called with the error type of every request the proxy answers itself (400, 404,
@@ -302,6 +308,14 @@ class ProxyServer:
             request_id=request_id,
             trust_forwarded=self.config.server.trust_forwarded,
         )
+        for hook in self._header_hooks:
+            try:
+                extra = hook(exchange, request.headers)
+            except Exception:
+                log.exception("upstream header hook failed")
+                continue
+            if extra:
+                headers.update(extra)
         send_body = info.body if raw_body is not None else body
         for listener in self._forward_listeners:
             listener(exchange)

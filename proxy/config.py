@@ -113,6 +113,8 @@ class Config:
     attribution: AttributionConfig = AttributionConfig()
     receipts: ReceiptsConfig = ReceiptsConfig()
     tenants: dict[str, Any] = field(default_factory=dict)
+    telemetry: dict[str, Any] = field(default_factory=dict)
+    """The [telemetry] table (OpenTelemetry export), validated by proxy.telemetry.settings."""
 
 
 # -- parsing helpers: each takes the dotted key so errors can name it ----------------
@@ -320,7 +322,7 @@ def _check_routing(upstreams: tuple[UpstreamConfig, ...]) -> None:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    _check_keys("", data, {"server", "upstreams", "meter", "carbon", "attribution", "receipts", "tenants"})
+    _check_keys("", data, {"server", "upstreams", "meter", "carbon", "attribution", "receipts", "tenants", "telemetry"})
     server, default_timeouts = _server(_table("server", data.get("server", {})))
     raw_upstreams = data.get("upstreams", [])
     if not isinstance(raw_upstreams, list):
@@ -343,7 +345,15 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         attribution=_attribution(_table("attribution", data.get("attribution", {}))),
         receipts=_receipts(_table("receipts", data.get("receipts", {}))),
         tenants=dict(_table("tenants", data.get("tenants", {}))),
+        telemetry=_telemetry(_table("telemetry", data.get("telemetry", {}))),
     )
+
+
+def _telemetry(table: dict[str, Any]) -> dict[str, Any]:
+    from proxy.telemetry.settings import parse_telemetry  # imports no OpenTelemetry
+
+    parse_telemetry(table)  # errors name the key now, for check-config and serve alike
+    return dict(table)
 
 
 def load_config(path: str | Path) -> Config:

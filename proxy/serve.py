@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -77,10 +78,13 @@ class Service:
         self._admin: web.AppRunner | None = None
         self.public_port: int = 0
         self.admin_port: int = 0
+        self.tracer: Any = None
+        """proxy.telemetry.tracer.RequestTracer when [telemetry] is configured."""
 
     async def start(self) -> None:
         await self.proxy.start()
         self._install_metrics()
+        self._install_telemetry()
         server = self.config.server
         # The low-level server: no router or middleware on the per-request path.
         low_level = JsonErrorServer(self.proxy.handle, handler_cancellation=True, access_log=None)
@@ -102,6 +106,15 @@ class Service:
             return
         install_metrics(self.proxy, self.registry)
 
+    def _install_telemetry(self) -> None:
+        from proxy.telemetry import parse_telemetry  # imports no OpenTelemetry
+
+        settings = parse_telemetry(self.config.telemetry)
+        if settings is not None:
+            from proxy.telemetry.tracer import install_tracing
+
+            self.tracer = install_tracing(self.proxy, settings)
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight streams finish (up to drain_seconds), then flush."""
         loop = asyncio.get_running_loop()
@@ -111,6 +124,8 @@ class Service:
         await self.proxy.stop()
         if self._admin is not None:
             await self._admin.cleanup()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)  # flushes spans to the collector
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

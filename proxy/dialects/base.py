@@ -37,6 +37,10 @@ class Work:
     unparsed: bool = False
     """The stream outgrew the event cap and passed through unread from there: the counts
     stop where reading stopped, and the figures say so (`tokens=estimated`)."""
+    response_id: str | None = None
+    """The server's id for the response, where the dialect reads one (telemetry)."""
+    finish_reasons: tuple[str, ...] = ()
+    """Why each choice stopped, where the dialect reads them (telemetry)."""
 
     def output_tokens_best(self) -> int:
         return self.output_tokens if self.output_tokens is not None else self.streamed_tokens

@@ -89,6 +89,8 @@ class OpenAISseReader(SseReader):
         if not isinstance(usage, dict):
             return super().on_event(event, now)
         self._read_usage(usage)
+        if isinstance(chunk.get("id"), str):
+            self.work.response_id = chunk["id"]
         choices = chunk.get("choices")
         if choices:
             self.on_data(data, now)
@@ -131,6 +133,12 @@ class OpenAIJsonReader(ResponseReader):
         if isinstance(usage, dict):
             self.work.prompt_tokens = as_int(usage.get("prompt_tokens", usage.get("input_tokens")))
             self.work.output_tokens = as_int(usage.get("completion_tokens", usage.get("output_tokens"))) or 0
+        if isinstance(data.get("id"), str):
+            self.work.response_id = data["id"]
+        choices = data.get("choices")
+        if isinstance(choices, list):
+            reasons = [c.get("finish_reason") for c in choices if isinstance(c, dict)]
+            self.work.finish_reasons = tuple(r for r in reasons if isinstance(r, str))
 
 
 class OpenAIDialect(Dialect):
