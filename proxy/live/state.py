@@ -12,13 +12,17 @@ from proxy.app import ProxyServer, group_name
 
 log = logging.getLogger("carbon_proxy.live")
 
-POWER_WINDOW_SECONDS = 10.0
+POWER_WINDOW_SECONDS = 30.0
 """Power is averaged over this much of the cumulative counters: one meter interval is
 too jumpy to read, and attribution settles a little after the energy is measured."""
 
 
 MIN_SPACING_SECONDS = 0.5
-"""Readings closer than this give no rate (the page shows a dash until the next one)."""
+"""Readings closer than this are not kept apart (two pages asking at once share one)."""
+MIN_RATE_SECONDS = 5.0
+"""No rate from less history than this: attribution settles a little after the energy is
+measured, so a window of a second or two can show more attributed than measured power.
+The page shows a dash until then."""
 
 
 class PowerTracker:
@@ -66,7 +70,7 @@ class PowerTracker:
 
 
 def _watts(joules_now: float, joules_then: float, elapsed_seconds: float) -> float | None:
-    if elapsed_seconds < MIN_SPACING_SECONDS:
+    if elapsed_seconds < MIN_RATE_SECONDS:
         return None
     return max(0.0, joules_now - joules_then) / elapsed_seconds
 

@@ -65,6 +65,11 @@ async def test_live_page_shows_requests_as_they_settle_without_errors() -> None:
             assert facts["gph"].endswith("/h") and facts["gph"] != "–/h"
             assert facts["intensity"].startswith("450") and facts["source"] == "constant"
             assert facts["meter"] == "OK" and facts["bars"] >= 1
+            unique = await browser.evaluate(
+                "(() => { const ids = [...document.querySelectorAll('#requests tbody tr')].map(tr => tr.dataset.id);"
+                " return ids.length > 0 && new Set(ids).size === ids.length; })()"
+            )
+            assert unique, "a request shows once: its final row replaces its provisional one"
             await browser.screenshot(ARTIFACTS / "live-page.png")
 
             # A phone: nothing wider than the screen (the table scrolls inside its box).

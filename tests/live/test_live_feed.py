@@ -194,3 +194,33 @@ def test_hour_window_rates_and_expiry() -> None:
     later = window.summary(now_unix=start + 3600 + 30)  # the first request's minute has left the hour
     assert later["requests"] == 1 and later["grams_per_hour"] == pytest.approx(0.04)
     assert window.summary(now_unix=start + 3 * 3600)["grams_per_1k_tokens"] is None
+
+
+def test_power_per_group_is_the_rate_of_the_engines_counters() -> None:
+    from types import SimpleNamespace
+
+    from proxy.attribution.engine import GroupTotals
+    from proxy.config import config_from_dict
+    from proxy.live.state import MIN_RATE_SECONDS, PowerTracker
+
+    totals = {"0": GroupTotals()}
+    engine = SimpleNamespace(
+        totals=lambda: totals,
+        group_devices=lambda group: ("0",),
+        last_power_watts=lambda group: 250.0,
+        idle_power_watts=lambda group: 50.0,
+        in_flight=lambda group: 1,
+    )
+    config = config_from_dict({"upstreams": [{"name": "llm", "url": "http://127.0.0.1:8000", "devices": ["0"]}]})
+    proxy = SimpleNamespace(accountant=SimpleNamespace(engine=engine), config=config)
+    tracker = PowerTracker(window_seconds=30.0)
+    (first,) = tracker.update(proxy, now=100.0)  # type: ignore[arg-type]
+    assert first["measured_watts"] is None, "no rate without history"
+    # 10 s later: 2000 J measured, 1500 J given to requests, 400 J idle (100 J still settling).
+    totals["0"] = GroupTotals(measured_joules=2000.0, attributed_joules=1500.0, idle_joules=400.0)
+    (group,) = tracker.update(proxy, now=100.0 + max(10.0, MIN_RATE_SECONDS))  # type: ignore[arg-type]
+    assert group["group"] == "0" and group["upstreams"] == ["llm"]
+    assert group["measured_watts"] == pytest.approx(200.0)
+    assert group["attributed_watts"] == pytest.approx(150.0)
+    assert group["idle_watts"] == pytest.approx(40.0)
+    assert group["power_watts_now"] == 250.0 and group["idle_power_watts"] == 50.0

@@ -9,7 +9,7 @@
   let settled = 0;
 
   const sig = new Intl.NumberFormat(undefined, { maximumSignificantDigits: 3 });
-  const clock = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  const clock = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
 
   function num(value, unit) {
     if (value === null || value === undefined || !isFinite(value)) return "–";
