@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import orjson
 
@@ -93,8 +93,8 @@ class LiveFeed:
         self._tenant_label = proxy.tenancy.label
         self.window = HourWindow()
         self.power = PowerTracker()
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_ROWS)
-        self._pending: dict[str, dict[str, Any]] = {}
+        self.recent: deque[Receipt] = deque(maxlen=RECENT_ROWS)
+        self._pending: dict[str, Receipt] = {}
         self.clients: set[Client] = set()
         self.dropped_clients = 0
         self._task: asyncio.Task[None] | None = None
@@ -105,23 +105,28 @@ class LiveFeed:
     # -- the request path: keep it to a dict and an append ------------------------------
 
     def on_record(self, receipt: Receipt, figures: Figures | None, exchange: MeteredExchange | None = None) -> None:
-        row = request_row(receipt, self._tenant_label)
         if receipt.status == "final":
             # Counted once, on the settled figure (as the metrics count energy and CO2e).
             tokens = (receipt.prompt_tokens or 0) + (receipt.output_tokens or 0)
             self.window.add(receipt.finished_unix, receipt.energy_joules, receipt.co2e_grams, tokens)
-        self.recent.append(row)
+        # Rows are built only for pages that are open (in the broadcaster), not here.
+        self.recent.append(receipt)
         if self.clients:
-            self._pending.pop(row["id"], None)  # the final row replaces its provisional one
-            self._pending[row["id"]] = row
+            self._pending.pop(receipt.request_id, None)  # the final receipt replaces its provisional one
+            self._pending[receipt.request_id] = receipt
             while len(self._pending) > RECENT_ROWS:
                 self._pending.pop(next(iter(self._pending)))
+
+    def rows(self, receipts: Iterable[Receipt]) -> list[dict[str, Any]]:
+        """The newest version of each request, in arrival order."""
+        latest = {receipt.request_id: receipt for receipt in receipts}
+        return [request_row(receipt, self._tenant_label) for receipt in latest.values()]
 
     # -- clients ----------------------------------------------------------------------
 
     def hello(self) -> bytes:
         """What a new page starts from: the latest rows, the hour and the state."""
-        rows = list({row["id"]: row for row in self.recent}.values())  # the newest version of each
+        rows = self.rows(self.recent)
         state = self._state if self._state is not None else snapshot(self.proxy, self.power)
         return sse("hello", {"requests": rows, "hour": self.window.summary(), "state": state}) + b"retry: 3000\n\n"
 
@@ -151,8 +156,8 @@ class LiveFeed:
         while self.clients and not self._closed:
             try:
                 if self._pending:
-                    rows, self._pending = list(self._pending.values()), {}
-                    self._broadcast(sse("requests", {"requests": rows, "hour": self.window.summary()}))
+                    pending, self._pending = list(self._pending.values()), {}
+                    self._broadcast(sse("requests", {"requests": self.rows(pending), "hour": self.window.summary()}))
                 now = time.monotonic()
                 if now >= next_state:
                     next_state = now + STATE_SECONDS

@@ -52,7 +52,7 @@ def install_live(app: web.Application, feed: LiveFeed) -> None:
         return web.Response(body=body, content_type=content_type, headers=SECURITY_HEADERS)
 
     async def state(request: web.Request) -> web.Response:
-        data = {"state": snapshot(feed.proxy, feed.power), "hour": feed.window.summary(), "requests": list(feed.recent)}
+        data = {"state": snapshot(feed.proxy, feed.power), "hour": feed.window.summary(), "requests": feed.rows(feed.recent)}
         return web.Response(body=orjson.dumps(data), content_type="application/json")
 
     async def events(request: web.Request) -> web.StreamResponse:
