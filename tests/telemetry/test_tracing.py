@@ -10,6 +10,7 @@ import sys
 from typing import Any, AsyncIterator
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
@@ -234,3 +235,43 @@ def test_config_errors_name_the_key(table: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as error:
         config_from_dict({"upstreams": [{"name": "a", "url": "http://127.0.0.1:8000"}], "telemetry": table})
     assert error.value.key == key
+
+
+async def stream_chat(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    base = {"id": "chatcmpl-stream1", "object": "chat.completion.chunk", "model": body["model"]}
+    wants_usage = body.get("stream_options", {}).get("include_usage")
+    chunks = [
+        {**base, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]},
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    ]
+    if wants_usage:
+        chunks.append({**base, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
+    for chunk in chunks:
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def test_streamed_requests_get_their_span_and_response_id(receiver: Receiver) -> None:
+    runner, url = await start_upstream({"/v1/chat/completions": stream_chat})
+    service = await start_proxy(url, meter=FakeMeter(), telemetry={"otlp_endpoint": receiver.url, "export_interval_ms": 50})
+    try:
+        body = {"model": "llama-3-8b", "stream": True, "messages": [{"role": "user", "content": "hello"}]}
+        async with aiohttp.ClientSession() as session:
+            proxy_url = f"http://127.0.0.1:{service.public_port}/v1/chat/completions"
+            async with session.post(proxy_url, json=body, timeout=TIMEOUT) as response:
+                assert response.status == 200
+                streamed = await response.read()
+    finally:
+        await asyncio.wait_for(service.stop(), 20)
+        await runner.cleanup()
+    assert b"chatcmpl-stream1" in streamed
+    ((attributes, span),) = [(a, s) for a, s in receiver.spans if s.kind == ProtoSpan.SPAN_KIND_SERVER]
+    assert span.name == "chat llama-3-8b"
+    assert attributes["gen_ai.response.id"] == "chatcmpl-stream1"
+    assert attributes["gen_ai.usage.input_tokens"] == 5 and attributes["gen_ai.usage.output_tokens"] == 2
+    assert len(receiver.named(SETTLE_SPAN)) == 1
