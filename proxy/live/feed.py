@@ -66,11 +66,13 @@ def sse(event: str, data: Any) -> bytes:
 
 
 class Client:
-    __slots__ = ("queue", "dropped")
+    __slots__ = ("queue", "dropped", "transport")
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(CLIENT_QUEUE_EVENTS)
         self.dropped = False
+        self.transport: asyncio.BaseTransport | None = None
+        """The page's connection, set by the stream handler."""
 
     def offer(self, event: bytes) -> bool:
         try:
@@ -79,12 +81,22 @@ class Client:
         except asyncio.QueueFull:
             return False
 
-    def end(self) -> None:
-        """Wake the client's handler with the end marker, making room for it if needed."""
+    def end(self, *, cut: bool) -> None:
+        """Wake the client's handler with the end marker, making room for it if needed.
+        `cut`: also abort the connection, as a handler stuck writing to a peer that
+        stopped reading would otherwise wait for as long as TCP keeps it open."""
         self.dropped = True
         while not self.queue.empty():
             self.queue.get_nowait()
         self.queue.put_nowait(None)
+        transport = self.transport
+        if cut and isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.abort()
+
+    def behind(self) -> bool:
+        """Bytes still waiting in the socket buffer for this page to read."""
+        transport = self.transport
+        return isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size() > 0
 
 
 class LiveFeed:
@@ -147,7 +159,7 @@ class LiveFeed:
             if not client.offer(event):
                 self.clients.discard(client)
                 self.dropped_clients += 1
-                client.end()
+                client.end(cut=True)
                 log.info("live page: dropped a client that fell %d events behind", CLIENT_QUEUE_EVENTS)
 
     async def _run(self) -> None:
@@ -172,7 +184,7 @@ class LiveFeed:
         """Admin listener shutting down: end every stream so the drain does not wait on them."""
         self._closed = True
         for client in list(self.clients):
-            client.end()
+            client.end(cut=client.behind())  # the others finish their last write and end cleanly
         self.clients.clear()
         if self._task is not None:
             self._task.cancel()

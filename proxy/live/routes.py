@@ -62,6 +62,7 @@ def install_live(app: web.Application, feed: LiveFeed) -> None:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
+        client.transport = request.transport
         try:
             await response.prepare(request)
             await response.write(feed.hello())
@@ -73,8 +74,8 @@ def install_live(app: web.Application, feed: LiveFeed) -> None:
                 if event is None:  # dropped (too slow) or shutting down
                     break
                 await response.write(event)
-        except ConnectionResetError:
-            pass  # the page was closed
+        except ConnectionError:
+            pass  # the page was closed, or dropped for falling behind
         finally:
             feed.unsubscribe(client)
         return response

@@ -5,6 +5,7 @@ ends open streams, and the hour's rates add up."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -224,3 +225,42 @@ def test_power_per_group_is_the_rate_of_the_engines_counters() -> None:
     assert group["attributed_watts"] == pytest.approx(150.0)
     assert group["idle_watts"] == pytest.approx(40.0)
     assert group["power_watts_now"] == 250.0 and group["idle_power_watts"] == 50.0
+
+
+async def test_a_page_that_stops_reading_is_cut_off_and_memory_stays_bounded(service: Service) -> None:
+    """A real connection whose peer never reads: its socket buffers fill, the handler
+    blocks in write, its queue fills, and the broadcaster drops it and aborts the
+    connection, while a page that reads keeps getting every event."""
+    feed = service._admin.app[FEED_KEY]  # type: ignore[union-attr]
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.admin_port)
+    writer.write(b"GET /live/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    async with asyncio.timeout(10):
+        while not feed.clients:
+            await asyncio.sleep(0.01)
+    (stalled,) = feed.clients
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{service.admin_port}/live/events", timeout=TIMEOUT) as stream:
+            pages = events(stream)
+            await anext(pages)  # hello
+            big = "x" * 256 * 1024
+            received = 0
+            async with asyncio.timeout(60):
+                for i in range(400):  # up to 100 MiB offered: far beyond any socket buffer
+                    feed._broadcast(sse("requests", {"n": i, "pad": big}))
+                    while True:  # the reading page takes each event before the next
+                        name, data = await anext(pages)
+                        if name == "requests" and data.get("n") == i:
+                            received += 1
+                            break
+                    if stalled not in feed.clients:
+                        break
+    assert stalled not in feed.clients and feed.dropped_clients == 1
+    assert received == i + 1, "the page that reads missed nothing"
+    assert stalled.queue.qsize() <= 1, "a dropped page holds no events"
+    # Its connection was aborted: reading what is left ends in EOF or a reset.
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(10):
+            while await reader.read(1 << 20):
+                pass
+    writer.close()
