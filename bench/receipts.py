@@ -28,7 +28,7 @@ from proxy.receipts.sqlite import SqliteReceiptStore
 
 def receipt(i: int, started_unix: float) -> Receipt:
     return Receipt(
-        request_id=f"req-{i:09d}", credential_hash="3f" * 32, tenant=f"team-{i % 7}", upstream="llama", model="llama-3-8b",
+        receipt_id=f"rct-{i:09d}", request_id=f"req-{i:09d}", credential_hash="3f" * 32, tenant=f"team-{i % 7}", upstream="llama", model="llama-3-8b",
         dialect="openai", method="POST", path="/v1/chat/completions", status_code=200, outcome="ok", started_unix=started_unix,
         duration_seconds=0.8, time_to_first_byte_seconds=0.05, prompt_tokens=420, output_tokens=180, work_units=None, images=0,
         energy_joules=61.5, pue=1.2, intensity_g_per_kwh=380.0, operational_grams=0.0078, embodied_grams=0.0011,
@@ -88,7 +88,7 @@ async def paced(path: str | None, rate: float, seconds: float) -> tuple[list[flo
             await asyncio.sleep(0)
         else:
             store.put(r)
-            await store.written(r.request_id, 2.0)
+            await store.written(r.receipt_id, 2.0)
         waits.append(time.perf_counter() - t0)
         await asyncio.sleep(0.1)  # the meter's next sample
         settle(r)

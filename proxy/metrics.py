@@ -37,6 +37,7 @@ from proxy.accounting import Figures
 from proxy.app import ProxyServer
 from proxy.exchange import MeteredExchange
 from proxy.metrics_state import StateCollector
+from proxy.receipts.metrics import ReceiptsCollector
 from proxy.receipts.model import Receipt
 from proxy.tenants import OTHER
 
@@ -266,6 +267,7 @@ def install_metrics(proxy: ProxyServer, registry: CollectorRegistry) -> RequestM
     proxy.on_record(requests.record)
     registry.register(requests)
     registry.register(StateCollector(proxy))
+    registry.register(ReceiptsCollector(proxy))
     try:
         ProcessCollector(registry=registry)  # process_cpu_seconds_total: the proxy's CPU cost
     except ValueError:

@@ -1,0 +1,52 @@
+"""Receipt and budget health for Prometheus, read at scrape time.
+
+- carbon_proxy_receipts_dropped_total{reason}: receipts that will never reach the
+  database: `store` (the store gave up on them: queue full, or still queued at shutdown),
+  `store_error` (the store refused one), `accounting_error` (no figures, so no receipt).
+- carbon_proxy_tenant_budget_remaining_grams{tenant}: budget - used - reserved, for
+  allow-listed tenants only (label cardinality stays bounded), as this proxy sees it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from proxy.app import ProxyServer
+
+DROP_REASONS = ("store", "store_error", "accounting_error")
+
+
+class ReceiptsCollector(Collector):
+    def __init__(self, proxy: ProxyServer) -> None:
+        self._proxy = proxy
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        dropped = CounterMetricFamily(
+            "carbon_proxy_receipts_dropped", "Receipts that will never reach the database, by reason.", labels=["reason"]
+        )
+        counts = dict.fromkeys(DROP_REASONS, 0)
+        counts["store"] = int(getattr(self._proxy.receipts, "dropped_total", 0))
+        for reason, count in self._proxy.receipts_dropped.items():
+            counts[reason] = counts.get(reason, 0) + count
+        for reason, count in counts.items():
+            dropped.add_metric([reason], count)
+        yield dropped
+        budgets = self._proxy.budgets
+        if not budgets.enabled:
+            return
+        remaining = GaugeMetricFamily(
+            "carbon_proxy_tenant_budget_remaining_grams",
+            "CO2e budget left in the current period (budget - used - reserved), allow-listed tenants.",
+            labels=["tenant"],
+        )
+        allowed = self._proxy.tenancy.allow
+        for tenant, grams in budgets.remaining_grams(allowed).items():
+            remaining.add_metric([tenant], grams)
+        yield remaining
