@@ -14,7 +14,7 @@ from aiohttp import web
 
 from proxy.accounting import Accountant, Figures, GroupPricing
 from proxy.attribution import AttributionEngine, RequestUsage
-from proxy.budgets import REMAINING_HEADER, Budgets, format_grams
+from proxy.budgets import REMAINING_HEADER, build_budgets, format_grams
 from proxy.budgets.cost import requested_output_tokens
 from proxy.budgets.ledger import OPEN
 from proxy.carbon.intensity import IntensityProvider
@@ -77,7 +77,7 @@ class ProxyServer:
         self.in_flight = 0
         self.receipts_dropped: dict[str, int] = {}
         """Receipts lost before reaching the store, by reason (the store counts its own)."""
-        self.budgets = Budgets(self.tenancy.budgets, label=self.tenancy.label)
+        self.budgets = build_budgets(self.tenancy.budgets, receipts, self.tenancy.label)
         self.on_record(self.budgets.on_record)
         self._commit_wait_seconds = config.receipts.commit_wait_ms / 1000
         self._written = getattr(receipts, "written", None)
@@ -132,6 +132,7 @@ class ProxyServer:
         if usage is not None:
             self.budgets.attach(usage)  # read per tenant on first sight, never all at start
         self.budgets.warm(sorted(self.tenancy.allow))  # a few configured names: their gauges show at once
+        self.budgets.start()
         await self.forwarder.start()
         await self.sampler.start()
 
@@ -141,6 +142,7 @@ class ProxyServer:
             await self.sampler.sample_once()
             await self.sampler.close()
         await self.forwarder.close()
+        await self.budgets.close()
         await self.receipts.close()
         await self.intensity.close()
         await self.meter.close()
@@ -280,6 +282,9 @@ class ProxyServer:
             admission = await self.budgets.admit(tenant, receipt_id, info.model, info.prompt_tokens_estimate, limit)
         if admission.remaining_grams is not None:
             extra_headers[REMAINING_HEADER] = format_grams(admission.remaining_grams)
+        if admission.store_down:
+            message = "the fleet budget store is unreachable and budget_on_store_down = \"closed\""
+            return self._reject(503, "budget_store_unavailable", message, {**extra_headers, "Retry-After": "1"})
         if not admission.allowed:
             extra_headers["Retry-After"] = str(self.budgets.retry_after_seconds(tenant))
             message = f"tenant {tenant!r} has used its CO2e budget for this period; it resets at the start of the next (UTC)"
@@ -298,6 +303,7 @@ class ProxyServer:
             credential_hash=cred_hash,
             started_unix=time.time(),
             started_monotonic=started_monotonic,
+            basis_note=admission.basis_note,
         )
         exchange = MeteredExchange(
             meta=meta,

@@ -37,6 +37,8 @@ class RequestMeta:
     credential_hash: str | None
     started_unix: float
     started_monotonic: float
+    basis_note: str = ""
+    """Appended to the basis of this request's figures (e.g. '; budget=local')."""
 
 
 class MeteredExchange:
@@ -126,6 +128,7 @@ class MeteredExchange:
         placed = figures.as_json() if figures is not None and self._place_figures else None
         if placed is not None:
             placed["receipt_id"] = self.meta.receipt_id  # where the stream's receipt is read
+            placed["basis"] += self.meta.basis_note
         try:
             return self.reader.tail(placed)
         except Exception:
@@ -139,7 +142,11 @@ class MeteredExchange:
             log.exception("dialect failed on a response body")
         figures = self._close("ok" if self.status < 400 else "upstream_error")
         await self._receipt_durable()
-        return figures.headers() if figures is not None else {}
+        if figures is None:
+            return {}
+        headers = figures.headers()
+        headers["X-Emissions-Basis"] += self.meta.basis_note
+        return headers
 
     def failed(self, reason: str) -> None:
         try:
@@ -187,7 +194,7 @@ class MeteredExchange:
         if self.receipt is None:
             return
         figures = _flagged(figures, self.reader.work)
-        self.receipt = self._update(self.receipt, figures)
+        self.receipt = self._update(self.receipt, figures, self.meta.basis_note)
         self._record(self, self.receipt, figures)
 
     def _receipt(self, figures: Figures, now: float) -> Receipt:
@@ -222,16 +229,16 @@ class MeteredExchange:
             basis="",
             status="provisional",
         )
-        return self._update(receipt, figures)
+        return self._update(receipt, figures, meta.basis_note)
 
     @staticmethod
-    def _update(receipt: Receipt, figures: Figures) -> Receipt:
+    def _update(receipt: Receipt, figures: Figures, basis_note: str = "") -> Receipt:
         receipt.energy_joules = figures.energy_joules
         receipt.intensity_g_per_kwh = figures.intensity_g_per_kwh
         receipt.operational_grams = figures.operational_grams
         receipt.embodied_grams = figures.embodied_grams
         receipt.co2e_grams = figures.co2e_grams
-        receipt.basis = figures.basis
+        receipt.basis = figures.basis + basis_note
         receipt.status = figures.status
         return receipt
 

@@ -48,7 +48,10 @@ UNKNOWN_MODEL = "unknown"
 """Label for requests whose body named no model (generic dialect, GET requests)."""
 
 REQUEST_LABELS = ["upstream", "model", "tenant"]
-REJECT_REASONS = ("invalid_request_target", "invalid_header", "method_not_allowed", "no_route", "request_too_large", "carbon_budget_exceeded")
+REJECT_REASONS = (
+    "invalid_request_target", "invalid_header", "method_not_allowed", "no_route", "request_too_large",
+    "carbon_budget_exceeded", "budget_store_unavailable",
+)  # fmt: skip
 LATENCY_LABELS = ["upstream", "model"]
 
 # Bucket edges: per-request energy spans a few joules (short batched completion) to tens

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Awaitable, Callable, Iterable, Sequence
 
-from proxy.budgets.config import BudgetConfig, period_end_unix, period_key
+from proxy.budgets.config import Budget, BudgetConfig, period_end_unix, period_key
 from proxy.budgets.cost import CostModel
 from proxy.receipts.model import Receipt
 
@@ -45,14 +45,23 @@ UsageLoader = Callable[[Sequence[str], Sequence[str]], Awaitable[dict[tuple[str,
 class TenantState:
     """What a proxy holds of one tenant with a budget."""
 
-    __slots__ = ("period", "used_grams", "reserved_grams", "in_flight")
+    __slots__ = ("period", "used_grams", "reserved_grams", "in_flight", "others_grams", "synced_at", "headroom_grams", "unseen_grams")
 
-    def __init__(self, period: str, used_grams: float) -> None:
+    def __init__(self, period: str, used_grams: float, others_grams: float = 0.0) -> None:
         self.period = period
         """The period key the figures are for ('day:2024-05-01', 'month:2024-05')."""
         self.used_grams = used_grams
         self.reserved_grams = 0.0
+        """Held by this proxy's requests in flight."""
         self.in_flight = 0
+        self.others_grams = others_grams
+        """Held by other replicas' requests in flight (fleet budgets; 0 on one proxy)."""
+        self.synced_at = 0.0
+        """time.monotonic() of the last agreement with the fleet database."""
+        self.headroom_grams = 0.0
+        """Budget - used - reserved by all, at that agreement (fleet budgets)."""
+        self.unseen_grams = 0.0
+        """Reserved here since then: not seen by other replicas yet (fleet budgets)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +71,11 @@ class Admission:
     """Budget - used - reserved by others, before this request; None without a budget."""
     reserved_grams: float = 0.0
     over_budget: bool = False
+    basis_note: str = ""
+    """Appended to the request's X-Emissions-Basis (e.g. '; budget=local' while the fleet
+    budget store is down and budget_on_store_down = "open")."""
+    store_down: bool = False
+    """Refused because the fleet budget store is down (budget_on_store_down = "closed")."""
 
 
 OPEN = Admission(True, None)
@@ -96,6 +110,12 @@ class Budgets:
         self.evicted_total = 0
         self.loaded_total = 0
 
+    def start(self) -> None:
+        """Background work, if any (fleet budgets sync)."""
+
+    async def close(self) -> None:
+        """Give back what this proxy holds (fleet budgets)."""
+
     def attach(self, loader: UsageLoader) -> None:
         """Where a tenant's usage is read from on first sight (the receipts store)."""
         self._loader = loader
@@ -123,8 +143,13 @@ class Budgets:
             return OPEN
         state = await self.state(tenant)
         predicted = self.cost.predict_grams(model, prompt_tokens, max_output_tokens)
-        remaining = budget.grams - state.used_grams - state.reserved_grams
-        fits = remaining >= predicted or (state.in_flight == 0 and budget.grams - state.used_grams > 0)
+        return self.decide(tenant, receipt_id, state, budget, predicted)
+
+    def decide(self, tenant: str, receipt_id: str, state: TenantState, budget: Budget, predicted: float) -> Admission:
+        """Admit and reserve, or refuse, on the figures `state` holds now."""
+        remaining = budget.grams - state.used_grams - state.reserved_grams - state.others_grams
+        alone = state.in_flight == 0 and state.others_grams <= 0
+        fits = remaining >= predicted or (alone and budget.grams - state.used_grams > 0)
         if not fits:
             counter = self.rejected_total if self.reject else self.flagged_total
             label = self._label(tenant)
@@ -172,12 +197,18 @@ class Budgets:
             if len(self._charged) >= MAX_TRACKED_PROVISIONAL:
                 self._charged.pop(next(iter(self._charged)))
             self._charged[receipt.receipt_id] = receipt.co2e_grams
+        delta = receipt.co2e_grams - previous
+        key = period_key(budget.period, receipt.started_unix)
+        self._settled(receipt.tenant, key, delta)
         state = self._tenants.get(receipt.tenant)
         if state is None:
             return  # not held (evicted): the database counts it, and is read on next sight
         self._roll(state, budget.period)
-        if period_key(budget.period, receipt.started_unix) == state.period:
-            state.used_grams += receipt.co2e_grams - previous
+        if key == state.period:
+            state.used_grams += delta
+
+    def _settled(self, tenant: str, period_key: str, delta_grams: float) -> None:
+        """Grams charged for (tenant, period), held or not (fleet budgets push them)."""
 
     # -- state --------------------------------------------------------------------------
 
@@ -208,7 +239,7 @@ class Budgets:
             budget = self.config.for_tenant(tenant)
             if state is not None and budget is not None:
                 self._roll(state, budget.period)
-                out[tenant] = budget.grams - state.used_grams - state.reserved_grams
+                out[tenant] = budget.grams - state.used_grams - state.reserved_grams - state.others_grams
         return out
 
     async def _load(self, tenant: str) -> TenantState:
@@ -217,10 +248,8 @@ class Budgets:
         key = period_key(budget.period, self._clock())
         used = 0.0
         try:
-            if self._loader is not None:
-                usage = await self._loader([key], [tenant])  # the store reads off the event loop
-                used = usage.get((tenant, key), 0.0)
-                self._load_failures_logged = False
+            used = await self._read_used(tenant, key)
+            self._load_failures_logged = False
         except Exception as exc:
             if not self._load_failures_logged:  # once per outage
                 self._load_failures_logged = True
@@ -229,10 +258,19 @@ class Budgets:
             self._loading.pop(tenant, None)
         state = self._tenants.get(tenant)  # a concurrent load may have won
         if state is None:
-            state = self._tenants[tenant] = TenantState(key, used)
+            state = self._tenants[tenant] = self._new_state(key, used)
             self.loaded_total += 1
             self._evict()
         return state
+
+    async def _read_used(self, tenant: str, key: str) -> float:
+        if self._loader is None:
+            return 0.0
+        usage = await self._loader([key], [tenant])  # the store reads off the event loop
+        return usage.get((tenant, key), 0.0)
+
+    def _new_state(self, key: str, used: float) -> TenantState:
+        return TenantState(key, used)
 
     def _evict(self) -> None:
         excess = len(self._tenants) - self.config.cached_tenants

@@ -201,6 +201,63 @@ def _migrate_to_receipt_ids(conn: sqlite3.Connection, columns: str, existing: se
     conn.execute("ALTER TABLE receipts_v2 RENAME TO receipts")
 
 
+_OUTBOX = (
+    "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, receipt_id TEXT NOT NULL UNIQUE)",
+    "CREATE TRIGGER IF NOT EXISTS receipts_outbox_insert AFTER INSERT ON receipts BEGIN "
+    "INSERT OR REPLACE INTO outbox (receipt_id) VALUES (NEW.receipt_id); END",
+    "CREATE TRIGGER IF NOT EXISTS receipts_outbox_update AFTER UPDATE ON receipts BEGIN "
+    "INSERT OR REPLACE INTO outbox (receipt_id) VALUES (NEW.receipt_id); END",
+)
+OUTBOX_BATCH_SQL = (
+    f"SELECT o.seq, {', '.join('r.' + name for name in FIELD_NAMES)} FROM outbox o "
+    "LEFT JOIN receipts r ON r.receipt_id = o.receipt_id ORDER BY o.seq LIMIT ?"
+)
+
+
+def set_outbox(conn: sqlite3.Connection, enabled: bool) -> None:
+    """With a fleet database, every receipt written (new, or updated to final) is queued
+    in `outbox` by triggers, in the same transaction: the shipper sends what is queued and
+    deletes it after PostgreSQL committed it. AUTOINCREMENT: a receipt queued again gets a
+    new, larger seq, so deleting the seqs just shipped never drops its newer version.
+    Without one, the triggers and the table go (nothing would drain them)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if enabled:
+            for statement in _OUTBOX:
+                conn.execute(statement)
+        else:
+            conn.execute("DROP TRIGGER IF EXISTS receipts_outbox_insert")
+            conn.execute("DROP TRIGGER IF EXISTS receipts_outbox_update")
+            conn.execute("DROP TABLE IF EXISTS outbox")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def outbox_batch(conn: sqlite3.Connection, limit: int) -> tuple[list[int], list[tuple[object, ...]]]:
+    """(every seq read, the receipt rows still present) of the oldest queued receipts. A
+    receipt deleted since (retention, size cap) has no row: its seq is just dropped."""
+    seqs: list[int] = []
+    rows: list[tuple[object, ...]] = []
+    for seq, *row in conn.execute(OUTBOX_BATCH_SQL, (limit,)):
+        seqs.append(seq)
+        if row[0] is not None:
+            rows.append(tuple(row))
+    return seqs, rows
+
+
+def outbox_done(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
+    for start in range(0, len(seqs), 500):
+        chunk = seqs[start : start + 500]
+        conn.execute(f"DELETE FROM outbox WHERE seq IN ({', '.join('?' * len(chunk))})", list(chunk))
+
+
+def outbox_size(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+
 def settle_provisional(conn: sqlite3.Connection) -> int:
     """Rows a previous process left provisional become final with the figures they have.
 

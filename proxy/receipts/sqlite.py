@@ -67,8 +67,11 @@ class SqliteReceiptStore:
         busy_timeout_ms: int = 2_000,
         maintenance_interval_seconds: float = 60.0,
         retry_max_seconds: float = 5.0,
+        outbox: bool = False,
     ) -> None:
         self.path = path
+        self.outbox = outbox
+        """Queue every receipt written for a shipper (proxy.receipts.shipper)."""
         self.retention_days = retention_days
         self.max_bytes = int(max_mb * 1024 * 1024) if max_mb else None
         self.max_pending = max_pending
@@ -382,6 +385,7 @@ class SqliteReceiptStore:
         try:
             conn = schema.connect(self.path, busy_timeout_ms=self._busy_timeout_ms, autocheckpoint=False)
             schema.create_schema(conn)
+            schema.set_outbox(conn, self.outbox)
             # Only before this process has written anything: later reopens would settle
             # its own receipts that are still waiting for their final figures.
             settled = 0 if self._settled else schema.settle_provisional(conn)
