@@ -203,10 +203,12 @@ def _migrate_to_receipt_ids(conn: sqlite3.Connection, columns: str, existing: se
 
 _OUTBOX = (
     "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, receipt_id TEXT NOT NULL UNIQUE)",
+    # Delete then insert, not INSERT OR REPLACE: inside a trigger, the outer upsert's
+    # conflict policy (ABORT) would override OR REPLACE.
     "CREATE TRIGGER IF NOT EXISTS receipts_outbox_insert AFTER INSERT ON receipts BEGIN "
-    "INSERT OR REPLACE INTO outbox (receipt_id) VALUES (NEW.receipt_id); END",
+    "DELETE FROM outbox WHERE receipt_id = NEW.receipt_id; INSERT INTO outbox (receipt_id) VALUES (NEW.receipt_id); END",
     "CREATE TRIGGER IF NOT EXISTS receipts_outbox_update AFTER UPDATE ON receipts BEGIN "
-    "INSERT OR REPLACE INTO outbox (receipt_id) VALUES (NEW.receipt_id); END",
+    "DELETE FROM outbox WHERE receipt_id = NEW.receipt_id; INSERT INTO outbox (receipt_id) VALUES (NEW.receipt_id); END",
 )
 OUTBOX_BATCH_SQL = (
     f"SELECT o.seq, {', '.join('r.' + name for name in FIELD_NAMES)} FROM outbox o "
