@@ -119,7 +119,7 @@ def build_receipts(config: Config) -> ReceiptStore:
     receipts = config.receipts
     if receipts.path == ":memory:":
         return MemoryReceiptStore()
-    if receipts.backend == "postgres" and receipts.dsn is not None:
+    if receipts.backend == "postgres":
         from proxy.receipts.fleet import build_fleet_store
 
         return build_fleet_store(receipts)

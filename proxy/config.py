@@ -103,7 +103,9 @@ class ReceiptsConfig:
     backend: str = "sqlite"
     """sqlite, or postgres: the SQLite file is then the outbox shipped to `dsn` (DESIGN 11)."""
     dsn: str | None = None
-    """The PostgreSQL DSN (from `dsn` or the environment variable `dsn_env` names)."""
+    """The PostgreSQL DSN, when given in the file."""
+    dsn_env: str | None = None
+    """Else the environment variable holding it (read when the store is built)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,8 +302,10 @@ def _receipts(table: dict[str, Any]) -> ReceiptsConfig:
     # 0 (or false) switches the cap off; retention then bounds the file alone.
     cap = None if max_mb in (0, False) else _number("receipts.max_mb", max_mb, positive=True)
     wait = _number("receipts.commit_wait_ms", table.get("commit_wait_ms", defaults.commit_wait_ms), minimum=0)
-    backend, dsn = parse_backend(table, path)
-    return ReceiptsConfig(path=path, retention_days=int(days), max_mb=cap, commit_wait_ms=wait, backend=backend, dsn=dsn)
+    backend, dsn, dsn_env = parse_backend(table, path)
+    return ReceiptsConfig(
+        path=path, retention_days=int(days), max_mb=cap, commit_wait_ms=wait, backend=backend, dsn=dsn, dsn_env=dsn_env
+    )
 
 
 def _check_routing(upstreams: tuple[UpstreamConfig, ...]) -> None:

@@ -13,6 +13,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Sequence
 
+from proxy.receipts.backend import resolve_dsn
 from proxy.receipts.model import Receipt, ReceiptQuery
 from proxy.receipts.postgres import Postgres, PostgresUnavailable
 from proxy.receipts.shipper import Shipper
@@ -30,9 +31,9 @@ def replica_name() -> str:
 
 
 def build_fleet_store(config: "ReceiptsConfig") -> "FleetReceiptStore":
-    assert config.dsn is not None
+    dsn = resolve_dsn(config.dsn, config.dsn_env)
     local = SqliteReceiptStore(config.path, retention_days=config.retention_days, max_mb=config.max_mb, outbox=True)
-    postgres = Postgres(config.dsn)
+    postgres = Postgres(dsn)
     shipper = Shipper(config.path, postgres, replica_name(), retention_days=config.retention_days)
     return FleetReceiptStore(local, postgres, shipper)
 

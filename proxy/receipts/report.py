@@ -256,7 +256,11 @@ def _db_path(args: argparse.Namespace, config: Config | None) -> str:
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     config = load_config(args.config) if args.config else None
-    dsn = args.dsn or (config.receipts.dsn if config is not None and not args.db else None)
+    dsn = args.dsn
+    if dsn is None and config is not None and not args.db and config.receipts.backend == "postgres":
+        from proxy.receipts.backend import resolve_dsn
+
+        dsn = resolve_dsn(config.receipts.dsn, config.receipts.dsn_env)
     path = "" if dsn else _db_path(args, config)
     now = time.time()
     since = parse_when(args.since, now, "--since")
