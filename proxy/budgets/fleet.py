@@ -48,6 +48,8 @@ SHARE_BETWEEN_SYNCS = 0.1
 STALE_SECONDS = 10.0
 JANITOR_SECONDS = 5.0
 LOCAL_NOTE = "; budget=local"
+MAX_QUEUED_DELTAS = 100_000
+"""(tenant, period) pairs whose settled grams wait for the store (bounded memory)."""
 
 _SYNC = """
 WITH d AS (
@@ -104,6 +106,7 @@ class FleetBudgets(Budgets):
         self.syncs_total = 0
         self.sync_failures_total = 0
         self.admitted_store_down_total = 0
+        self.deltas_dropped_total = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -170,6 +173,13 @@ class FleetBudgets(Budgets):
 
     def _settled(self, tenant: str, period_key: str, delta_grams: float) -> None:
         key = (tenant, period_key)
+        if key not in self._deltas and len(self._deltas) >= MAX_QUEUED_DELTAS:
+            # A long outage with very many tenants: keep memory bounded. The receipts still
+            # reach PostgreSQL through the outbox; only the shared counter misses these.
+            self.deltas_dropped_total += 1
+            if self.deltas_dropped_total == 1:
+                log.error("budgets: %d tenants' settled grams are waiting for the store; dropping new ones", MAX_QUEUED_DELTAS)
+            return
         self._deltas[key] = self._deltas.get(key, 0.0) + delta_grams
         self._dirty.add(tenant)
 
