@@ -25,6 +25,7 @@ from proxy.receipts.model import Receipt, ReceiptQuery, ReceiptStore
 log = logging.getLogger("carbon_proxy")
 
 RECEIPTS_PREFIX = "/carbon-proxy/v1/receipts/"
+LIST_PATH = RECEIPTS_PREFIX.rstrip("/")
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_MATCHES = 1000
@@ -43,11 +44,10 @@ def receipts_endpoint(store: ReceiptStore) -> LocalEndpoint:
     async def handle(request: LocalRequest) -> LocalResponse:
         if request.method != "GET":
             return error_response(405, "method_not_allowed", "receipts are read with GET")
-        wanted = request.path[len(RECEIPTS_PREFIX) :] if request.path.startswith(RECEIPTS_PREFIX) else ""
         try:
-            if wanted:
-                return await _one(store, request, wanted)
-            return await _page(store, request)
+            if request.path == LIST_PATH:
+                return await _page(store, request)
+            return await _one(store, request, request.path[len(RECEIPTS_PREFIX) :])
         except BadQuery as exc:
             return error_response(400, "invalid_request", str(exc))
         except Exception as exc:
@@ -62,18 +62,20 @@ async def _one(store: ReceiptStore, request: LocalRequest, wanted: str) -> Local
     caller = request.credential_hash
     every = _flag(request.query, "all")
     not_found = error_response(404, "receipt_not_found", f"no receipt {wanted[:MAX_ID_CHARS]!r} for this credential")
-    if len(wanted) > MAX_ID_CHARS or not wanted.isprintable():
+    if not wanted or len(wanted) > MAX_ID_CHARS or not wanted.isprintable():
         return not_found  # no id of ours or of a sane client looks like this
+    failed: Exception | None = None
     try:
         receipt = await store.get(wanted)
-    except Exception:
-        receipt = None  # the store may still answer from its queue by client id
-        log.debug("receipt lookup by receipt id failed; trying the client's request id", exc_info=True)
+    except Exception as exc:
+        receipt, failed = None, exc  # the store may still answer from its queue by client id
     if receipt is not None and receipt.credential_hash == caller:
         return _json([receipt.public()] if every else receipt.public(), every)
     matches = await store.find(caller, wanted, MAX_MATCHES if every else 1)
     if matches:
         return _json([m.public() for m in matches] if every else matches[0].public(), every)
+    if failed is not None:
+        raise failed  # not "not found": the store could not say (503, logged once)
     if caller is None:  # nothing made without a credential: maybe it was made with one
         return error_response(401, "authentication_required", "send the credential that made the request")
     # Same answer for 'absent' and 'not yours': ids of others are not disclosed.

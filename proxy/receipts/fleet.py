@@ -44,9 +44,26 @@ class FleetReceiptStore:
         self.postgres = postgres
         self.shipper = shipper
 
+    # The local store's health and counters (readiness and metrics read them).
     @property
     def dropped_total(self) -> int:
         return self.local.dropped_total
+
+    @property
+    def writer_up(self) -> bool:
+        return self.local.writer_up
+
+    @property
+    def written_total(self) -> int:
+        return self.local.written_total
+
+    @property
+    def poison_total(self) -> int:
+        return self.local.poison_total
+
+    @property
+    def write_errors_total(self) -> int:
+        return self.local.write_errors_total
 
     @property
     def healthy(self) -> bool:

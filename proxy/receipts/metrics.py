@@ -2,7 +2,8 @@
 
 - carbon_proxy_receipts_dropped_total{reason}: receipts that will never reach the
   database: `store` (the store gave up on them: queue full, or still queued at shutdown),
-  `store_error` (the store refused one), `accounting_error` (no figures, so no receipt).
+  `poison` (a row SQLite cannot take, dropped alone), `store_error` (the store refused
+  one), `accounting_error` (no figures, so no receipt).
 - carbon_proxy_tenant_budget_remaining_grams{tenant}: budget - used - reserved, for
   allow-listed tenants only (label cardinality stays bounded), as this proxy sees it.
 """
@@ -17,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from proxy.app import ProxyServer
 
-DROP_REASONS = ("store", "store_error", "accounting_error")
+DROP_REASONS = ("store", "poison", "store_error", "accounting_error")
 
 
 class ReceiptsCollector(Collector):
@@ -33,6 +34,7 @@ class ReceiptsCollector(Collector):
         )
         counts = dict.fromkeys(DROP_REASONS, 0)
         counts["store"] = int(getattr(self._proxy.receipts, "dropped_total", 0))
+        counts["poison"] = int(getattr(self._proxy.receipts, "poison_total", 0))
         for reason, count in self._proxy.receipts_dropped.items():
             counts[reason] = counts.get(reason, 0) + count
         for reason, count in counts.items():
