@@ -8,6 +8,7 @@ start. Row 8: 150 concurrent requests of a fresh tenant with a 0.02 g budget spe
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import tracemalloc
 from pathlib import Path
@@ -21,6 +22,7 @@ from helpers import FakeMeter, proxy_config, start_upstream
 from proxy.budgets import Budgets, parse_budgets
 from proxy.carbon.intensity import ConstantIntensity
 from proxy.config import config_from_dict
+from proxy.dialects.base import estimate_tokens_from_text
 from proxy.receipts.sqlite import SqliteReceiptStore
 from proxy.serve import Service
 
@@ -48,9 +50,11 @@ async def start(db: Path, upstream: str, tenants: dict[str, Any]) -> Service:
     return service
 
 
-async def call(session: aiohttp.ClientSession, service: Service, tenant: str, max_tokens: int = 20) -> int:
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
-    async with session.post(f"http://127.0.0.1:{service.public_port}{CHAT}", json=body, headers={"X-Tenant-Id": tenant}) as response:
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+
+
+async def call(session: aiohttp.ClientSession, service: Service, tenant: str) -> int:
+    async with session.post(f"http://127.0.0.1:{service.public_port}{CHAT}", json=BODY, headers={"X-Tenant-Id": tenant}) as response:
         await response.read()
         return response.status
 
@@ -175,6 +179,7 @@ async def test_a_burst_of_150_on_a_fresh_tiny_budget_stays_within_the_bound(upst
     # bound's "admitted alone" case), everything else waits for it: overshoot <= its cost.
     assert admitted == 1
     assert sum(grams) <= budget + max(grams)
+    print(f"\nburst of 150, budget {budget} g: admitted {admitted}, spent {sum(grams):.4f} g")
 
 
 async def test_a_burst_overshoots_by_at_most_the_prediction_error_of_the_requests_in_flight(upstream: str, tmp_path: Path) -> None:
@@ -182,16 +187,21 @@ async def test_a_burst_overshoots_by_at_most_the_prediction_error_of_the_request
     budget = 0.5
     service = await start(db, upstream, {"budgets": {"team": {"grams": budget}}})
     try:
+        # What each request reserves: nothing is learned before the burst, so the prior,
+        # for the prompt estimated from the body as aiohttp sends it, plus max_tokens.
+        prompt = estimate_tokens_from_text(len(json.dumps(BODY).encode()))
+        predicted = service.proxy.budgets.cost.predict_grams("m", prompt, BODY["max_tokens"])
         statuses = await burst(service, "team", 150)
         admitted = statuses.count(200)
         await service.proxy.sampler.sample_once()  # type: ignore[union-attr]
         grams = await settled(db, "team", admitted)
-        predicted = service.proxy.budgets.cost.prior_grams_per_token() * (20 + 1)  # nothing learned before the burst ended
     finally:
         await service.stop()
     assert 1 < admitted < 150
-    # Each admitted request reserved at least `predicted` (prompt estimate >= 1 token), and
-    # reservations fitted the budget: what was spent beyond it is their under-prediction.
+    # Each admitted request reserved `predicted`, and reservations fitted the budget (plus
+    # at most one admitted alone): what was spent beyond it is their under-prediction.
     assert admitted <= budget / predicted + 1
     error = sum(max(0.0, g - predicted) for g in grams)
     assert sum(grams) <= budget + error
+    print(f"\nburst of 150, budget {budget} g: admitted {admitted} (prediction {predicted:.4f} g each), "
+          f"spent {sum(grams):.4f} g, under-prediction {error:.4f} g")
