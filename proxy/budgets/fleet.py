@@ -44,6 +44,8 @@ log = logging.getLogger("carbon_proxy.budgets")
 
 SYNC_INTERVAL_SECONDS = 0.5
 MAX_AGE_SECONDS = 1.0
+REQUEST_SYNC_SECONDS = 0.25
+"""The longest a request waits for a sync (or a first read) before deciding on local figures."""
 SHARE_BETWEEN_SYNCS = 0.1
 STALE_SECONDS = 10.0
 JANITOR_SECONDS = 5.0
@@ -139,13 +141,19 @@ class FleetBudgets(Budgets):
             return await super().admit(tenant, receipt_id, model, prompt_tokens, max_output_tokens)
         state = await self.state(tenant)
         predicted = self.cost.predict_grams(model, prompt_tokens, max_output_tokens)
-        if self._needs_sync(state, budget, predicted):
+        if self.store_up and self._needs_sync(state, budget, predicted):
             # Reserve first, then sync: the shared row sees this request before we decide.
+            # Bounded: a slow or unreachable store never holds a request longer than
+            # REQUEST_SYNC_SECONDS (the sync itself finishes in the background).
             state.reserved_grams += predicted
+            sync = asyncio.ensure_future(self.sync([tenant]))
+            sync.add_done_callback(_consume)
             try:
-                await self.sync([tenant])
+                await asyncio.wait_for(asyncio.shield(sync), REQUEST_SYNC_SECONDS)
             except PostgresUnavailable:
                 pass
+            except asyncio.TimeoutError:
+                self._down()  # until the background sync gets through again
             finally:
                 state.reserved_grams = max(0.0, state.reserved_grams - predicted)
         if not self.store_up:
@@ -186,7 +194,12 @@ class FleetBudgets(Budgets):
     # -- the shared rows ----------------------------------------------------------------
 
     async def _read_used(self, tenant: str, key: str) -> float:
-        row = await self.postgres.run(lambda conn: conn.fetchrow(_READ, tenant, key))
+        """On a tenant's first sight (the request path): bounded like a sync. While the
+        store is down the tenant starts from zero here, flagged; the background sync
+        corrects it once the store answers."""
+        if not self.store_up:
+            raise PostgresUnavailable("the fleet budget store is down")
+        row = await asyncio.wait_for(self.postgres.run(lambda conn: conn.fetchrow(_READ, tenant, key)), REQUEST_SYNC_SECONDS)
         return 0.0 if row is None else float(row[0])
 
     def _new_state(self, key: str, used: float) -> TenantState:
@@ -261,7 +274,11 @@ class FleetBudgets(Budgets):
             busy = [t for t, s in self._tenants.items() if s.in_flight or s.reserved_grams]
             tenants, self._dirty = list(self._dirty) + busy, set()
             try:
-                await self.sync(tenants)
+                if tenants or self._deltas:
+                    await self.sync(tenants)
+                elif not self.store_up:  # nothing to push, but is the store back?
+                    await self.postgres.run(lambda conn: conn.fetchval("SELECT 1"))
+                    self._up()
             except PostgresUnavailable:
                 self._dirty.update(tenants)
             except Exception:
@@ -278,3 +295,9 @@ class FleetBudgets(Budgets):
         if not self.store_up:
             self.store_up = True
             log.warning("budgets: the fleet budget store is reachable again")
+
+
+def _consume(task: asyncio.Future[None]) -> None:
+    """A sync a request stopped waiting for: its failure is already counted (_down)."""
+    if not task.cancelled():
+        task.exception()

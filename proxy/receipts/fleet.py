@@ -8,6 +8,7 @@ GET anywhere). When PostgreSQL is down, lookups answer from the local file.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
     from proxy.config import ReceiptsConfig
 
 log = logging.getLogger("carbon_proxy.receipts")
+
+LOOKUP_SECONDS = 1.0
+"""A receipt lookup waits at most this for the fleet; then it answers from the local file."""
 
 
 def replica_name() -> str:
@@ -84,15 +88,15 @@ class FleetReceiptStore:
         if local is not None:
             return local
         try:
-            return await self.postgres.get(receipt_id)
-        except PostgresUnavailable:
+            return await asyncio.wait_for(self.postgres.get(receipt_id), LOOKUP_SECONDS)
+        except (PostgresUnavailable, asyncio.TimeoutError):
             return None
 
     async def find(self, credential_hash: str | None, request_id: str, limit: int) -> list[Receipt]:
         local = await self.local.find(credential_hash, request_id, limit)
         try:
-            fleet = await self.postgres.find(credential_hash, request_id, limit)
-        except PostgresUnavailable:
+            fleet = await asyncio.wait_for(self.postgres.find(credential_hash, request_id, limit), LOOKUP_SECONDS)
+        except (PostgresUnavailable, asyncio.TimeoutError):
             fleet = []
         merged = _merge(local, fleet)
         merged.sort(key=lambda r: (r.started_unix, r.receipt_id), reverse=True)
@@ -101,8 +105,8 @@ class FleetReceiptStore:
     async def list(self, query: ReceiptQuery) -> list[Receipt]:
         local = await self.local.list(query)
         try:
-            fleet = await self.postgres.list(query)
-        except PostgresUnavailable:
+            fleet = await asyncio.wait_for(self.postgres.list(query), LOOKUP_SECONDS)
+        except (PostgresUnavailable, asyncio.TimeoutError):
             fleet = []
         merged = _merge(local, fleet)
         merged.sort(key=lambda r: r.receipt_id)
