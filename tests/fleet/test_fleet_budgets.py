@@ -106,3 +106,28 @@ async def test_the_store_down_is_open_or_closed_and_flagged(tmp_path: Path, upst
             assert time.monotonic() < deadline, (status, headers.get("X-Emissions-Basis"))
     finally:
         await service.stop()
+
+
+async def test_a_database_that_never_answers_holds_no_request(tmp_path: Path, upstream: str) -> None:
+    """A blackholed host (accepts, then silence) instead of a stopped one: requests go on
+    flagged instead of waiting for the 5 s connection timeout, over and over."""
+    import asyncio
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers the startup message
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    service, _ = await replica(tmp_path, "a", upstream, f"postgresql://carbon@127.0.0.1:{port}/x", {"budgets": {"team": {"grams": 100.0}}})
+    try:
+        took = []
+        for _ in range(5):
+            started = time.monotonic()
+            status, headers = await call(service)
+            took.append(time.monotonic() - started)
+            assert status == 200
+        assert headers["X-Emissions-Basis"].endswith("; budget=local")
+        assert sum(took) < 3.0, took  # one connection timeout alone would be 5 s
+    finally:
+        await service.stop()
+        server.close()
