@@ -9,7 +9,12 @@ response ends, final when attribution settles. Three figures:
    group commit (what `commit_wait_ms` does in the proxy): p50/p99 of that wait, and drops.
 3. event-loop cost of one put() (microseconds): what the request path pays.
 
-    .venv/bin/python bench/receipts.py [--requests 100000] [--rate 5000] [--seconds 5]
+4. with --postgres (a throwaway cluster from /usr/lib/postgresql/*/bin, or --dsn URL):
+   receipts per second shipped from the outbox to PostgreSQL, and the paced phase again
+   with the outbox and shipper running: the group-commit wait beside SQLite alone (the
+   request path never waits for PostgreSQL; this shows what the outbox triggers add).
+
+    .venv/bin/python bench/receipts.py [--requests 100000] [--rate 5000] [--seconds 5] [--postgres | --dsn URL]
 """
 
 from __future__ import annotations
@@ -18,17 +23,20 @@ import argparse
 import asyncio
 import os
 import sqlite3
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from proxy.receipts.model import Receipt
+from proxy.receipts.postgres import Postgres
+from proxy.receipts.shipper import Shipper
 from proxy.receipts.sqlite import SqliteReceiptStore
 
 
 def receipt(i: int, started_unix: float) -> Receipt:
     return Receipt(
-        request_id=f"req-{i:09d}", credential_hash="3f" * 32, tenant=f"team-{i % 7}", upstream="llama", model="llama-3-8b",
+        receipt_id=f"rct-{i:09d}", request_id=f"req-{i:09d}", credential_hash="3f" * 32, tenant=f"team-{i % 7}", upstream="llama", model="llama-3-8b",
         dialect="openai", method="POST", path="/v1/chat/completions", status_code=200, outcome="ok", started_unix=started_unix,
         duration_seconds=0.8, time_to_first_byte_seconds=0.05, prompt_tokens=420, output_tokens=180, work_units=None, images=0,
         energy_joules=61.5, pue=1.2, intensity_g_per_kwh=380.0, operational_grams=0.0078, embodied_grams=0.0011,
@@ -71,12 +79,19 @@ async def burst(path: str, requests: int) -> tuple[float, SqliteReceiptStore]:
     return elapsed, store
 
 
-async def paced(path: str | None, rate: float, seconds: float) -> tuple[list[float], SqliteReceiptStore | None, int]:
+async def paced(
+    path: str | None, rate: float, seconds: float, dsn: str | None = None
+) -> tuple[list[float], SqliteReceiptStore | None, int]:
     """path None: the same load without a store, timing a bare yield to the event loop
-    (the baseline: how late the loop itself runs a ready task at this load)."""
-    store = SqliteReceiptStore(path) if path is not None else None
+    (the baseline: how late the loop itself runs a ready task at this load). dsn: with
+    the outbox, and a shipper to that PostgreSQL running alongside."""
+    store = SqliteReceiptStore(path, outbox=dsn is not None) if path is not None else None
+    shipper = None
     if store is not None:
         await store.start()
+        if dsn is not None and path is not None:
+            shipper = Shipper(path, Postgres(dsn), "bench")
+            await shipper.start()
     waits: list[float] = []
     tasks: set[asyncio.Task[None]] = set()
     base = 10**8
@@ -88,7 +103,7 @@ async def paced(path: str | None, rate: float, seconds: float) -> tuple[list[flo
             await asyncio.sleep(0)
         else:
             store.put(r)
-            await store.written(r.request_id, 2.0)
+            await store.written(r.receipt_id, 2.0)
         waits.append(time.perf_counter() - t0)
         await asyncio.sleep(0.1)  # the meter's next sample
         settle(r)
@@ -109,7 +124,36 @@ async def paced(path: str | None, rate: float, seconds: float) -> tuple[list[flo
     await asyncio.gather(*tasks)
     if store is not None:
         await store.close()
+    if shipper is not None:
+        await shipper.close(drain_seconds=30)
+        await shipper.postgres.close()
     return waits, store, total
+
+
+async def shipped_per_second(path: str, dsn: str, requests: int) -> tuple[float, int]:
+    """Write `requests` final receipts to the outbox first, then time the shipper draining
+    it into PostgreSQL (a backlog after an outage is the worst case)."""
+    store = SqliteReceiptStore(path, outbox=True)
+    await store.start()
+    now = time.time()
+    for i in range(requests):
+        r = receipt(i, now)
+        settle(r)
+        store.put(r)
+        if store.pending > store.max_pending // 2:
+            await asyncio.sleep(0.001)
+    while store.pending:
+        await asyncio.sleep(0.001)
+    await store.close()
+    postgres = Postgres(dsn)
+    shipper = Shipper(path, postgres, "bench", batch_rows=2000)
+    started = time.perf_counter()
+    while await shipper.ship_once():
+        pass
+    elapsed = time.perf_counter() - started
+    await shipper.close()
+    await postgres.close()
+    return elapsed, shipper.shipped_total
 
 
 def _ms(values: list[float], quantile: float) -> str:
@@ -132,6 +176,8 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=5_000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--dir", default=None, help="directory for the database (default: a temp dir)")
+    parser.add_argument("--postgres", action="store_true", help="also ship to a throwaway PostgreSQL cluster")
+    parser.add_argument("--dsn", default=None, help="also ship to this PostgreSQL (instead of a throwaway cluster)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         print(f"sqlite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs, database in {tmp}")
@@ -153,6 +199,38 @@ async def main() -> None:
             f"wait timeouts {paced_store.commit_wait_timeouts_total}"
         )
         print(f"put():  {put_cost_microseconds(str(Path(tmp) / 'put.db')):.2f} us on the event loop per receipt")
+        if args.postgres or args.dsn:
+            await postgres_phases(args, tmp, waits)
+
+
+async def postgres_phases(args: argparse.Namespace, tmp: str, sqlite_waits: list[float]) -> None:
+    cluster = None
+    dsn = args.dsn
+    if dsn is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from fleet.pg import Cluster, find_bin_dir  # the tests' throwaway cluster
+
+        bin_dir = find_bin_dir()
+        if bin_dir is None:
+            print("postgres: no PostgreSQL under /usr/lib/postgresql/*/bin (Debian package 'postgresql'); skipped")
+            return
+        cluster = Cluster(bin_dir)
+        cluster.init()
+        cluster.start()
+        dsn = cluster.dsn()
+    try:
+        elapsed, shipped = await shipped_per_second(str(Path(tmp) / "ship.db"), dsn, args.requests)
+        print(f"ship:   {shipped} receipts from the outbox to PostgreSQL in {elapsed:.2f} s = {shipped / elapsed:,.0f} receipts/s")
+        waits, store, total = await paced(str(Path(tmp) / "paced-pg.db"), args.rate, args.seconds, dsn=dsn)
+        assert store is not None
+        print(
+            f"paced+postgres: {total} requests at {args.rate:,.0f}/s with the outbox and shipper running: group-commit wait "
+            f"p50 {_ms(waits, 0.5)}, p99 {_ms(waits, 0.99)} (SQLite alone above: p50 {_ms(sqlite_waits, 0.5)}, "
+            f"p99 {_ms(sqlite_waits, 0.99)}); dropped {store.dropped_total}"
+        )
+    finally:
+        if cluster is not None:
+            cluster.destroy()
 
 
 if __name__ == "__main__":

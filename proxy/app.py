@@ -14,7 +14,9 @@ from aiohttp import web
 
 from proxy.accounting import Accountant, Figures, GroupPricing
 from proxy.attribution import AttributionEngine, RequestUsage
-from proxy.budgets import REMAINING_HEADER, Budgets, format_grams
+from proxy.budgets import REMAINING_HEADER, build_budgets, format_grams
+from proxy.budgets.cost import requested_output_tokens
+from proxy.budgets.ledger import OPEN
 from proxy.carbon.intensity import IntensityProvider
 from proxy.config import Config, UpstreamConfig
 from proxy.dialects import dialect_for
@@ -27,7 +29,7 @@ from proxy.local import LocalEndpoint, LocalRequest, LocalResponse, error_respon
 from proxy.meters.base import Meter
 from proxy.meters.sampler import Sampler
 from proxy.receipts.endpoint import receipts_endpoint
-from proxy.receipts.model import Receipt, ReceiptStore
+from proxy.receipts.model import Receipt, ReceiptStore, new_receipt_id
 from proxy.routing import Router
 from proxy.tenants import Tenancy
 
@@ -38,6 +40,7 @@ INSPECT_LIMIT_BYTES = 4 * 1024 * 1024
 larger ones stream to the upstream untouched."""
 
 ALL_DEVICES = "*"
+RECEIPT_ID_HEADER = "X-Carbon-Receipt-Id"
 
 
 class BodyTooLarge(Exception):
@@ -73,7 +76,9 @@ class ProxyServer:
         self._reject_listeners: list[Callable[[str], None]] = []
         self._header_hooks: list[Callable[[MeteredExchange, Mapping[str, str]], Mapping[str, str] | None]] = []
         self.in_flight = 0
-        self.budgets = Budgets(self.tenancy.budgets)
+        self.receipts_dropped: dict[str, int] = {}
+        """Receipts lost before reaching the store, by reason (the store counts its own)."""
+        self.budgets = build_budgets(self.tenancy.budgets, receipts, self.tenancy.label)
         self.on_record(self.budgets.on_record)
         self._commit_wait_seconds = config.receipts.commit_wait_ms / 1000
         self._written = getattr(receipts, "written", None)
@@ -126,7 +131,9 @@ class ProxyServer:
         await self.receipts.start()
         usage = getattr(self.receipts, "tenant_usage_grams", None)
         if usage is not None:
-            await self.budgets.load(usage)
+            self.budgets.attach(usage)  # read per tenant on first sight, never all at start
+        self.budgets.warm(sorted(self.tenancy.allow))  # a few configured names: their gauges show at once
+        self.budgets.start()
         await self.forwarder.start()
         await self.sampler.start()
 
@@ -136,6 +143,7 @@ class ProxyServer:
             await self.sampler.sample_once()
             await self.sampler.close()
         await self.forwarder.close()
+        await self.budgets.close()
         await self.receipts.close()
         await self.intensity.close()
         await self.meter.close()
@@ -160,12 +168,12 @@ class ProxyServer:
         if isinstance(owner, MeteredExchange):
             owner.finalize(figures)
 
-    async def _receipt_written(self, request_id: str) -> None:
+    async def _receipt_written(self, receipt_id: str) -> None:
         """Group commit: a response's last bytes wait (bounded) for its receipt's batch."""
         if self._written is None or self._commit_wait_seconds <= 0:
             return
         try:
-            await self._written(request_id, self._commit_wait_seconds)
+            await self._written(receipt_id, self._commit_wait_seconds)
         except Exception:
             log.exception("receipt store failed while waiting for a commit")
 
@@ -191,11 +199,15 @@ class ProxyServer:
                 log.exception("reject listener failed")
         return json_error(status, kind, message, headers)
 
+    def _receipt_lost(self, reason: str) -> None:
+        self.receipts_dropped[reason] = self.receipts_dropped.get(reason, 0) + 1
+
     def _record(self, exchange: MeteredExchange, receipt: Receipt, figures: Figures | None) -> None:
         try:
             self.receipts.put(receipt)
         except Exception:
             log.exception("receipt store refused a receipt")
+            self._receipt_lost("store_error")
         for listener in self._record_listeners:
             try:
                 listener(receipt, figures, exchange)
@@ -268,19 +280,28 @@ class ProxyServer:
 
         request_id = request_id_from(request.headers)
         tenant, cred_hash = self.tenancy.identify(request.headers)
+        receipt_id = new_receipt_id()
         extra_headers = {"X-Request-Id": request_id}
-        allowed, remaining_grams = self.budgets.check(tenant)
-        if remaining_grams is not None:
-            extra_headers[REMAINING_HEADER] = format_grams(remaining_grams)
-        if not allowed:
+        admission = OPEN
+        if self.budgets.enabled:  # reserve the predicted grams now; the receipt settles them
+            limit = requested_output_tokens(raw_body)
+            admission = await self.budgets.admit(tenant, receipt_id, info.model, info.prompt_tokens_estimate, limit)
+        if admission.remaining_grams is not None:
+            extra_headers[REMAINING_HEADER] = format_grams(admission.remaining_grams)
+        if admission.store_down:
+            message = "the fleet budget store is unreachable and budget_on_store_down = \"closed\""
+            return self._reject(503, "budget_store_unavailable", message, {**extra_headers, "Retry-After": "1"})
+        if not admission.allowed:
             extra_headers["Retry-After"] = str(self.budgets.retry_after_seconds(tenant))
             message = f"tenant {tenant!r} has used its CO2e budget for this period; it resets at the start of the next (UTC)"
             return self._reject(429, "carbon_budget_exceeded", message, extra_headers)
+        extra_headers[RECEIPT_ID_HEADER] = receipt_id  # on every response that has a receipt
         assert self.accountant is not None, "ProxyServer.start() was not awaited"
         usage = self.accountant.engine.open(
             group_name(upstream), started_monotonic, streaming=info.stream, prompt_tokens_estimate=info.prompt_tokens_estimate
         )
         meta = RequestMeta(
+            receipt_id=receipt_id,
             request_id=request_id,
             method=request.method,
             path=path,
@@ -288,6 +309,7 @@ class ProxyServer:
             credential_hash=cred_hash,
             started_unix=time.time(),
             started_monotonic=started_monotonic,
+            basis_note=admission.basis_note,
         )
         exchange = MeteredExchange(
             meta=meta,
@@ -299,6 +321,7 @@ class ProxyServer:
             record=self._record,
             durable=self._receipt_written,
             max_event_bytes=self.config.server.max_event_bytes,
+            lost=self._receipt_lost,
         )
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         headers = upstream_request_headers(
@@ -333,6 +356,7 @@ class ProxyServer:
             )
         finally:
             self.in_flight -= 1
+            self.budgets.release(receipt_id)  # a request that ended without a receipt
         if isinstance(body, _LimitedBody) and body.exceeded:
             return self._too_large()
         return response

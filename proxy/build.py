@@ -119,4 +119,8 @@ def build_receipts(config: Config) -> ReceiptStore:
     receipts = config.receipts
     if receipts.path == ":memory:":
         return MemoryReceiptStore()
+    if receipts.backend == "postgres":
+        from proxy.receipts.fleet import build_fleet_store
+
+        return build_fleet_store(receipts)
     return SqliteReceiptStore(receipts.path, retention_days=receipts.retention_days, max_mb=receipts.max_mb)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from proxy.carbon.pue import resolve_pue
 from proxy.errors import ConfigError
+from proxy.receipts.backend import parse_backend
 
 DIALECTS = ("openai", "tgi", "ollama", "llamacpp", "diffusion", "generic")
 METERS = ("auto", "nvml", "scrape", "rapl", "estimate", "sim")
@@ -99,6 +100,12 @@ class ReceiptsConfig:
     commit_wait_ms: float = 100.0
     """How long a response may wait for its receipt's batch to commit before its last
     bytes go out (group commit: a completed response has a durable receipt). 0: never."""
+    backend: str = "sqlite"
+    """sqlite, or postgres: the SQLite file is then the outbox shipped to `dsn` (DESIGN 11)."""
+    dsn: str | None = None
+    """The PostgreSQL DSN, when given in the file."""
+    dsn_env: str | None = None
+    """Else the environment variable holding it (read when the store is built)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +294,7 @@ def _attribution(table: dict[str, Any]) -> AttributionConfig:
 
 
 def _receipts(table: dict[str, Any]) -> ReceiptsConfig:
-    _check_keys("receipts", table, {"path", "retention_days", "max_mb", "commit_wait_ms"})
+    _check_keys("receipts", table, {"path", "retention_days", "max_mb", "commit_wait_ms", "backend", "dsn", "dsn_env"})
     path = table.get("path", "carbon-proxy.db")
     if not isinstance(path, str) or not path:
         raise ConfigError("receipts.path", f"expected a file path, got {path!r}")
@@ -297,7 +304,10 @@ def _receipts(table: dict[str, Any]) -> ReceiptsConfig:
     # 0 (or false) switches the cap off; retention then bounds the file alone.
     cap = None if max_mb in (0, False) else _number("receipts.max_mb", max_mb, positive=True)
     wait = _number("receipts.commit_wait_ms", table.get("commit_wait_ms", defaults.commit_wait_ms), minimum=0)
-    return ReceiptsConfig(path=path, retention_days=int(days), max_mb=cap, commit_wait_ms=wait)
+    backend, dsn, dsn_env = parse_backend(table, path)
+    return ReceiptsConfig(
+        path=path, retention_days=int(days), max_mb=cap, commit_wait_ms=wait, backend=backend, dsn=dsn, dsn_env=dsn_env
+    )
 
 
 def _check_routing(upstreams: tuple[UpstreamConfig, ...]) -> None:

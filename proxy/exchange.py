@@ -27,13 +27,18 @@ log = logging.getLogger("carbon_proxy.exchange")
 
 @dataclass(slots=True)
 class RequestMeta:
+    receipt_id: str
+    """Proxy-unique: the key of this request's receipt (X-Carbon-Receipt-Id)."""
     request_id: str
+    """The client's X-Request-Id, or one the proxy made up."""
     method: str
     path: str
     tenant: str
     credential_hash: str | None
     started_unix: float
     started_monotonic: float
+    basis_note: str = ""
+    """Appended to the basis of this request's figures (e.g. '; budget=local')."""
 
 
 class MeteredExchange:
@@ -49,6 +54,7 @@ class MeteredExchange:
         record: Callable[["MeteredExchange", Receipt, Figures | None], None],
         durable: Callable[[str], Awaitable[None]] | None = None,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        lost: Callable[[str], None] | None = None,
     ) -> None:
         self.meta = meta
         self.upstream = upstream
@@ -59,6 +65,7 @@ class MeteredExchange:
         self._record = record
         self._durable = durable
         self._max_event_bytes = max_event_bytes
+        self._lost = lost
         self.reader: ResponseReader = ResponseReader(info, usage.tick)
         self.status = 0
         self.first_byte_at: float | None = None
@@ -119,6 +126,9 @@ class MeteredExchange:
         figures = self._close("ok")
         await self._receipt_durable()
         placed = figures.as_json() if figures is not None and self._place_figures else None
+        if placed is not None:
+            placed["receipt_id"] = self.meta.receipt_id  # where the stream's receipt is read
+            placed["basis"] += self.meta.basis_note
         try:
             return self.reader.tail(placed)
         except Exception:
@@ -132,7 +142,11 @@ class MeteredExchange:
             log.exception("dialect failed on a response body")
         figures = self._close("ok" if self.status < 400 else "upstream_error")
         await self._receipt_durable()
-        return figures.headers() if figures is not None else {}
+        if figures is None:
+            return {}
+        headers = figures.headers()
+        headers["X-Emissions-Basis"] += self.meta.basis_note
+        return headers
 
     def failed(self, reason: str) -> None:
         try:
@@ -147,7 +161,7 @@ class MeteredExchange:
         # Before the last bytes go out: a response the client saw complete has its receipt
         # on disk, even if the proxy is killed right after (bounded wait, never raises).
         if self._durable is not None and self.receipt is not None:
-            await self._durable(self.meta.request_id)
+            await self._durable(self.meta.receipt_id)
 
     def _close(self, outcome: str) -> Figures | None:
         if self.outcome is not None:
@@ -168,6 +182,8 @@ class MeteredExchange:
             figures = _flagged(self.accountant.figures(self.usage, now), work)
         except Exception:
             log.exception("accounting failed; the request is served without figures")
+            if self._lost is not None:
+                self._lost("accounting_error")  # no receipt will exist: counted as dropped
             return None
         self.receipt = self._receipt(figures, now)
         self._record(self, self.receipt, figures)
@@ -178,7 +194,7 @@ class MeteredExchange:
         if self.receipt is None:
             return
         figures = _flagged(figures, self.reader.work)
-        self.receipt = self._update(self.receipt, figures)
+        self.receipt = self._update(self.receipt, figures, self.meta.basis_note)
         self._record(self, self.receipt, figures)
 
     def _receipt(self, figures: Figures, now: float) -> Receipt:
@@ -186,6 +202,7 @@ class MeteredExchange:
         work = self.reader.work
         ttfb = None if self.first_byte_at is None else self.first_byte_at - meta.started_monotonic
         receipt = Receipt(
+            receipt_id=meta.receipt_id,
             request_id=meta.request_id,
             credential_hash=meta.credential_hash,
             tenant=meta.tenant,
@@ -212,21 +229,21 @@ class MeteredExchange:
             basis="",
             status="provisional",
         )
-        return self._update(receipt, figures)
+        return self._update(receipt, figures, meta.basis_note)
 
     @staticmethod
-    def _update(receipt: Receipt, figures: Figures) -> Receipt:
+    def _update(receipt: Receipt, figures: Figures, basis_note: str = "") -> Receipt:
         receipt.energy_joules = figures.energy_joules
         receipt.intensity_g_per_kwh = figures.intensity_g_per_kwh
         receipt.operational_grams = figures.operational_grams
         receipt.embodied_grams = figures.embodied_grams
         receipt.co2e_grams = figures.co2e_grams
-        receipt.basis = figures.basis
+        receipt.basis = figures.basis + basis_note
         receipt.status = figures.status
         return receipt
 
     def describe(self) -> dict[str, Any]:
-        return {"request_id": self.meta.request_id, "upstream": self.upstream.name, "outcome": self.outcome}
+        return {"receipt_id": self.meta.receipt_id, "request_id": self.meta.request_id, "upstream": self.upstream.name, "outcome": self.outcome}
 
 
 UNPARSED_BASIS = "tokens=estimated"

@@ -36,6 +36,7 @@ EMISSIONS_HEADERS = frozenset(
         "Carbon-Emissions-Scope-2",
         "X-Emissions-Basis",
         "X-CO2e-Budget-Remaining",
+        "X-Carbon-Receipt-Id",
     )
 )
 

@@ -37,6 +37,7 @@ from proxy.accounting import Figures
 from proxy.app import ProxyServer
 from proxy.exchange import MeteredExchange
 from proxy.metrics_state import StateCollector
+from proxy.receipts.metrics import ReceiptsCollector
 from proxy.receipts.model import Receipt
 from proxy.tenants import OTHER
 
@@ -47,7 +48,10 @@ UNKNOWN_MODEL = "unknown"
 """Label for requests whose body named no model (generic dialect, GET requests)."""
 
 REQUEST_LABELS = ["upstream", "model", "tenant"]
-REJECT_REASONS = ("invalid_request_target", "invalid_header", "method_not_allowed", "no_route", "request_too_large", "carbon_budget_exceeded")
+REJECT_REASONS = (
+    "invalid_request_target", "invalid_header", "method_not_allowed", "no_route", "request_too_large",
+    "carbon_budget_exceeded", "budget_store_unavailable",
+)  # fmt: skip
 LATENCY_LABELS = ["upstream", "model"]
 
 # Bucket edges: per-request energy spans a few joules (short batched completion) to tens
@@ -266,6 +270,7 @@ def install_metrics(proxy: ProxyServer, registry: CollectorRegistry) -> RequestM
     proxy.on_record(requests.record)
     registry.register(requests)
     registry.register(StateCollector(proxy))
+    registry.register(ReceiptsCollector(proxy))
     try:
         ProcessCollector(registry=registry)  # process_cpu_seconds_total: the proxy's CPU cost
     except ValueError:

@@ -177,12 +177,12 @@ class StateCollector(Collector):
 
     def _receipts(self) -> list[Metric]:
         # Stores without a writer thread (memory) are always up and never drop poison.
+        # Dropped receipts, by reason, are carbon_proxy_receipts_dropped_total (proxy.receipts.metrics).
         store = self._proxy.receipts
         up = _gauge("carbon_proxy_receipts_writer_up", "1 while the receipts writer runs; 0: receipts are no longer written.")
         up.add_metric([], 1.0 if getattr(store, "writer_up", True) else 0.0)
         counters = (
             ("written", "written_total", "Receipt rows written to the database."),
-            ("dropped", "dropped_total", "Receipts lost: queue full, or not written by shutdown."),
             ("poison", "poison_total", "Receipts that could never be stored (e.g. text that is not UTF-8), dropped alone."),
             ("write_errors", "write_errors_total", "Failed writes of a batch (retried)."),
         )

@@ -12,6 +12,7 @@ from proxy.errors import ConfigError
 OTHER = "other"
 ANONYMOUS = "anonymous"
 _BEARER = re.compile(r"^\s*bearer\s+", re.IGNORECASE)
+_KEYS = frozenset(("header", "allow", "aliases", "budgets", "budget_mode", "budget_cached_tenants", "budget_on_store_down"))
 _CREDENTIAL_HEADERS = ("Authorization", "X-Api-Key", "Api-Key")
 
 
@@ -33,8 +34,8 @@ class Tenancy:
 
     def __init__(self, table: Mapping[str, Any]) -> None:
         for key in table:
-            if key not in ("header", "allow", "aliases", "budgets", "budget_mode"):
-                raise ConfigError(f"tenants.{key}", "unknown key; expected one of: aliases, allow, budget_mode, budgets, header")
+            if key not in _KEYS:
+                raise ConfigError(f"tenants.{key}", f"unknown key; expected one of: {', '.join(sorted(_KEYS))}")
         header = table.get("header")
         if header is not None and not isinstance(header, str):
             raise ConfigError("tenants.header", f"expected a header name, got {header!r}")

@@ -235,6 +235,7 @@ def write_json(report: Report, out: TextIO) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="the proxy's TOML config: its [receipts].path and its upstreams' hardware")
     parser.add_argument("--db", help="receipts database (default: [receipts].path of --config, else carbon-proxy.db)")
+    parser.add_argument("--dsn", help="the fleet's PostgreSQL (default with --config: its [receipts] dsn when backend = postgres)")
     parser.add_argument("--since", default="24h", help="start: 24h, 7d, 30m, 2w ago, or an ISO date (UTC); default 24h")
     parser.add_argument("--until", default=None, help="end, same forms as --since (default: now)")
     parser.add_argument("--by", default="model", choices=sorted(GROUPS), help="group by (default model)")
@@ -255,24 +256,45 @@ def _db_path(args: argparse.Namespace, config: Config | None) -> str:
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     config = load_config(args.config) if args.config else None
-    path = _db_path(args, config)
+    dsn = args.dsn
+    if dsn is None and config is not None and not args.db and config.receipts.backend == "postgres":
+        from proxy.receipts.backend import resolve_dsn
+
+        dsn = resolve_dsn(config.receipts.dsn, config.receipts.dsn_env)
+    path = "" if dsn else _db_path(args, config)
     now = time.time()
     since = parse_when(args.since, now, "--since")
     until = parse_when(args.until, now, "--until") if args.until else now
     if until <= since:
         raise ConfigError("--until", "must be after --since")
+    if dsn:
+        from proxy.receipts.fleet_report import build_fleet_report
+
+        try:
+            report = build_fleet_report(dsn, since_unix=since, until_unix=until, by=args.by, tenant=args.tenant, model=args.model)
+        except Exception as exc:  # unreachable, refused, no such database: say so, no traceback
+            raise ConfigError("--dsn", f"cannot read receipts from the fleet database: {type(exc).__name__}: {exc}") from None
+    else:
+        report = _local_report(path, since, until, args)
+    _write(report, args.format, config, out)
+    return 0
+
+
+def _local_report(path: str, since: float, until: float, args: argparse.Namespace) -> Report:
     try:
-        report = build_report(path, since_unix=since, until_unix=until, by=args.by, tenant=args.tenant, model=args.model)
+        return build_report(path, since_unix=since, until_unix=until, by=args.by, tenant=args.tenant, model=args.model)
     except sqlite3.Error as exc:
         raise ConfigError("--db", f"cannot read receipts from {path!r}: {exc}") from None
-    if args.format == "table":
+
+
+def _write(report: Report, format: str, config: Config | None, out: TextIO) -> None:
+    if format == "table":
         write_table(report, out)
-    elif args.format == "csv":
+    elif format == "csv":
         write_csv(report, out)
-    elif args.format == "json":
+    elif format == "json":
         write_json(report, out)
     else:
         from proxy.receipts.model_card import write_model_card
 
         write_model_card(report, config, out)
-    return 0

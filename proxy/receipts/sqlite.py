@@ -1,11 +1,11 @@
 """SqliteReceiptStore: durable receipts in SQLite (WAL), written in batches off the event loop.
 
 - put() runs on the event loop: it snapshots the receipt as a row tuple into a dict keyed
-  by request id, under a lock held for a dict assignment. A provisional row still queued
+  by receipt id, under a lock held for a dict assignment. A provisional row still queued
   is simply replaced by its final one.
 - One writer thread owns the write connection. It takes everything queued and upserts it
   in one transaction, so batches grow with the load instead of commits multiplying.
-- Group commit: `written(request_id)` lets a response wait for its batch to commit
+- Group commit: `written(receipt_id)` lets a response wait for its batch to commit
   before its last bytes go out, so a completed response has a durable receipt. The wait
   is bounded, and skipped while the store is failing: storage never holds a request.
 - Failure (disk full, locked, unwritable directory): the batch goes back to the queue,
@@ -34,7 +34,7 @@ import time
 from typing import Sequence
 
 from proxy.receipts import schema
-from proxy.receipts.model import FIELD_NAMES, Receipt
+from proxy.receipts.model import FIELD_NAMES, Receipt, ReceiptQuery, matches
 
 log = logging.getLogger("carbon_proxy.receipts")
 
@@ -42,6 +42,7 @@ _row_of = operator.attrgetter(*FIELD_NAMES)
 _CREDENTIAL = FIELD_NAMES.index("credential_hash")
 _STARTED = FIELD_NAMES.index("started_unix")
 _STATUS = FIELD_NAMES.index("status")
+_REQUEST_ID = FIELD_NAMES.index("request_id")
 Row = tuple[object, ...]
 
 SIZE_CHECK_ROWS = 20_000
@@ -66,8 +67,11 @@ class SqliteReceiptStore:
         busy_timeout_ms: int = 2_000,
         maintenance_interval_seconds: float = 60.0,
         retry_max_seconds: float = 5.0,
+        outbox: bool = False,
     ) -> None:
         self.path = path
+        self.outbox = outbox
+        """Queue every receipt written for a shipper (proxy.receipts.shipper)."""
         self.retention_days = retention_days
         self.max_bytes = int(max_mb * 1024 * 1024) if max_mb else None
         self.max_pending = max_pending
@@ -134,12 +138,12 @@ class SqliteReceiptStore:
 
     def put(self, receipt: Receipt) -> None:
         row: Row = _row_of(receipt)  # a snapshot: the exchange mutates its receipt later
-        key = receipt.request_id
+        key = receipt.receipt_id
         with self._cond:
             queued = self._pending.get(key)
             if queued is not None:
                 if queued[_CREDENTIAL] != row[_CREDENTIAL] or queued[_STARTED] != row[_STARTED]:
-                    self.conflicts_total += 1  # another request reusing this id: the first keeps it
+                    self.conflicts_total += 1  # receipt ids are the proxy's own: never expected
                     return
                 if queued[_STATUS] == "final" and row[_STATUS] != "final":
                     return
@@ -153,20 +157,43 @@ class SqliteReceiptStore:
             if len(self._pending) == 1:
                 self._cond.notify()
 
-    async def get(self, request_id: str) -> Receipt | None:
+    async def get(self, receipt_id: str) -> Receipt | None:
         with self._cond:
-            row = self._pending.get(request_id) or self._writing.get(request_id)
+            row = self._pending.get(receipt_id) or self._writing.get(receipt_id)
         if row is not None:
             return Receipt(*row)
-        found = await asyncio.to_thread(self._read_one, request_id)
+        found = await asyncio.to_thread(self._read_one, receipt_id)
         return Receipt(*found) if found is not None else None
 
-    async def written(self, request_id: str, timeout_seconds: float) -> bool:
+    async def find(self, credential_hash: str | None, request_id: str, limit: int) -> list[Receipt]:
+        with self._cond:  # queued rows are usually a handful (more only while the disk fails)
+            queued = [
+                row for row in (*self._pending.values(), *self._writing.values())
+                if row[_REQUEST_ID] == request_id and row[_CREDENTIAL] == credential_hash
+            ]  # fmt: skip
+        try:
+            stored = await asyncio.to_thread(self._query, schema.FIND_SQL, (credential_hash, request_id, limit))
+        except sqlite3.Error:
+            if not queued:
+                raise
+            stored = []  # the file is unreadable (an outage): what is queued is still an answer
+        return _merged(queued, stored, key=lambda r: (r.started_unix, r.receipt_id), reverse=True, limit=limit)
+
+    async def list(self, query: ReceiptQuery) -> list[Receipt]:
+        with self._cond:
+            queued = [row for row in (*self._pending.values(), *self._writing.values()) if matches(Receipt(*row), query)]
+        params: list[object] = [query.credential_hash, query.after or ""]
+        params += [p for p in (query.since_unix, query.until_unix) if p is not None]
+        sql = schema.list_sql(query.since_unix is not None, query.until_unix is not None)
+        stored = await asyncio.to_thread(self._query, sql, [*params, query.limit])
+        return _merged(queued, stored, key=lambda r: r.receipt_id, reverse=False, limit=query.limit)
+
+    async def written(self, receipt_id: str, timeout_seconds: float) -> bool:
         assert self._loop is not None, "SqliteReceiptStore.start() was not awaited"
         with self._cond:
-            if request_id in self._pending:
+            if receipt_id in self._pending:
                 generation = self._generation
-            elif request_id in self._writing:
+            elif receipt_id in self._writing:
                 generation = self._generation - 1
             else:
                 return True
@@ -180,8 +207,10 @@ class SqliteReceiptStore:
             self.commit_wait_timeouts_total += 1
             return False
 
-    async def tenant_usage_grams(self, periods: Sequence[str]) -> dict[tuple[str, str], float]:
-        return await asyncio.to_thread(self._read_usage, list(periods))
+    async def tenant_usage_grams(
+        self, periods: Sequence[str], tenants: Sequence[str] | None = None
+    ) -> dict[tuple[str, str], float]:
+        return await asyncio.to_thread(self._read_usage, list(periods), None if tenants is None else list(tenants))
 
     async def maintain(self) -> None:
         """Run retention and the size cap now (tests, or after changing the config)."""
@@ -356,6 +385,7 @@ class SqliteReceiptStore:
         try:
             conn = schema.connect(self.path, busy_timeout_ms=self._busy_timeout_ms, autocheckpoint=False)
             schema.create_schema(conn)
+            schema.set_outbox(conn, self.outbox)
             # Only before this process has written anything: later reopens would settle
             # its own receipts that are still waiting for their final figures.
             settled = 0 if self._settled else schema.settle_provisional(conn)
@@ -468,15 +498,19 @@ class SqliteReceiptStore:
                     self._reader = None
                 raise
 
-    def _read_one(self, request_id: str) -> Row | None:
-        rows = self._query(schema.SELECT_ONE_SQL, (request_id,))
+    def _read_one(self, receipt_id: str) -> Row | None:
+        rows = self._query(schema.SELECT_ONE_SQL, (receipt_id,))
         return rows[0] if rows else None
 
-    def _read_usage(self, periods: list[str]) -> dict[tuple[str, str], float]:
-        if not periods:
+    def _read_usage(self, periods: list[str], tenants: list[str] | None) -> dict[tuple[str, str], float]:
+        if not periods or tenants == []:
             return {}
-        marks = ", ".join("?" * len(periods))
-        rows = self._query(f"SELECT tenant, period, co2e_grams FROM tenant_usage WHERE period IN ({marks})", periods)
+        sql = f"SELECT tenant, period, co2e_grams FROM tenant_usage WHERE period IN ({', '.join('?' * len(periods))})"
+        params: list[object] = list(periods)
+        if tenants is not None:
+            sql += f" AND tenant IN ({', '.join('?' * len(tenants))})"
+            params += tenants
+        rows = self._query(sql, params)
         return {(str(tenant), str(period)): float(grams) for tenant, period, grams in rows}  # type: ignore[arg-type]
 
 
@@ -495,6 +529,15 @@ def _bad_column(row: Row) -> str:
             except UnicodeEncodeError:
                 return f" in column {name}: not UTF-8 text"
     return ""
+
+
+def _merged(queued: list[Row], stored: list[Row], *, key: object, reverse: bool, limit: int) -> list[Receipt]:
+    """Rows from the queue and the file, one receipt per id (the queued one is newer)."""
+    by_id = {row[0]: row for row in stored}
+    by_id.update((row[0], row) for row in queued)
+    receipts = [Receipt(*row) for row in by_id.values()]
+    receipts.sort(key=key, reverse=reverse)  # type: ignore[arg-type]
+    return receipts[:limit]
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

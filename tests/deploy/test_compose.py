@@ -31,9 +31,10 @@ from .support import (
 
 COMPOSE = compose_file()
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-PROXIES = ("proxy", "proxy-gpu")
+PROXIES = ("proxy", "proxy-gpu", "fleet-a", "fleet-b")
 DEFAULT = {"sim", "proxy", "traffic", "prometheus", "grafana"}
 GPU = {"vllm", "dcgm-exporter", "proxy-gpu"}
+FLEET = {"postgres", "fleet-a", "fleet-b"}
 IMAGE_CMD = next(i for i in dockerfile() if i.keyword == "CMD").exec_form()
 
 
@@ -57,7 +58,7 @@ def listen_port(service: dict[str, Any]) -> int:
     return int(flag_value(command, "--port") or 0)
 
 
-@pytest.mark.parametrize("profiles", [[], ["gpu"]], ids=["default", "gpu"])
+@pytest.mark.parametrize("profiles", [[], ["gpu"], ["fleet"]], ids=["default", "gpu", "fleet"])
 def test_docker_compose_config_accepts_the_file(profiles: list[str]) -> None:
     compose = compose_plugin()
     if compose is None:
@@ -69,8 +70,24 @@ def test_docker_compose_config_accepts_the_file(profiles: list[str]) -> None:
 
 def test_default_profile_is_the_sim_stack_and_gpu_profile_adds_real_hardware() -> None:
     assert {name for name, s in SERVICES.items() if not s.get("profiles")} == DEFAULT
-    assert {name for name, s in SERVICES.items() if s.get("profiles")} == GPU
+    assert {name for name, s in SERVICES.items() if s.get("profiles")} == GPU | FLEET
     assert all(SERVICES[name]["profiles"] == ["gpu"] for name in GPU)
+    assert all(SERVICES[name]["profiles"] == ["fleet"] for name in FLEET)
+
+
+def test_fleet_replicas_share_one_pinned_postgres() -> None:
+    image = SERVICES["postgres"]["image"]
+    assert not image.endswith(":latest") and ":" in image and "latest" not in image.split(":", 1)[1]
+    dsns = set()
+    for name in ("fleet-a", "fleet-b"):
+        service = SERVICES[name]
+        assert "postgres" in service["depends_on"] and service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        dsn = service["environment"]["CARBON_PROXY_DSN"]
+        assert urlsplit(dsn).hostname == "postgres" and urlsplit(dsn).port == 5432
+        dsns.add(dsn)
+    assert len(dsns) == 1, "both replicas ship to the same database"
+    volumes = {name: service_mount(SERVICES[name], "/var/lib/carbon-proxy") for name in ("fleet-a", "fleet-b")}
+    assert len(set(volumes.values())) == 2, "each replica keeps its own outbox"
 
 
 @pytest.mark.parametrize("name", PROXIES)
@@ -241,7 +258,7 @@ def test_prometheus_scrapes_the_proxies_admin_ports() -> None:
         assert wanted in targets, f"Prometheus does not scrape {wanted} (targets: {targets})"
     for target in targets:
         host, _, port = target.rpartition(":")
-        if host in ("proxy", "proxy-gpu"):
+        if host in PROXIES:
             assert int(port) == proxy_config(host).server.admin_listen.port, target
         elif host in ("sim", "vllm"):
             assert int(port) == listen_port(SERVICES[host]), target

@@ -19,7 +19,7 @@ from helpers import FakeMeter, proxy_config
 
 from proxy.carbon.intensity import ConstantIntensity, IntensityProvider
 from proxy.config import config_from_dict
-from proxy.receipts.model import MemoryReceiptStore, Receipt
+from proxy.receipts.model import MemoryReceiptStore, Receipt, ReceiptStore
 from proxy.serve import Service
 
 CHAT = "/v1/chat/completions"
@@ -52,7 +52,8 @@ class CountingStore(MemoryReceiptStore):
 
     @property
     def receipts(self) -> dict[str, Receipt]:
-        return dict(self._receipts)
+        """By the client's request id (the tests send distinct ones)."""
+        return {r.request_id: r for r in self._receipts.values()}
 
 
 # -- the proxy under test --------------------------------------------------------------
@@ -130,13 +131,19 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str =
         await asyncio.sleep(0.01)
 
 
+async def by_request_id(store: ReceiptStore, request_id: str) -> Receipt | None:
+    """The most recent receipt of a client request id sent without a credential."""
+    found = await store.find(None, request_id, 1)
+    return found[0] if found else None
+
+
 async def settled(proxy: Proxy, request_ids: Sequence[str], timeout: float = 5.0) -> dict[str, Receipt]:
     """Wait until every request's receipt is final and return them. With a CountingStore,
     also check each was recorded once: one provisional put, one final put, one outcome."""
     store = proxy.store
     deadline = time.monotonic() + timeout
     while True:
-        receipts = {rid: await store.get(rid) for rid in request_ids}
+        receipts = {rid: await by_request_id(store, rid) for rid in request_ids}
         waiting = [rid for rid, r in receipts.items() if r is None or r.status != "final"]
         if not waiting:
             break

@@ -16,7 +16,7 @@ import time
 from aiohttp import web
 from helpers import start_upstream
 
-from .support import CHAT, assert_conserved, check_still_serves, completion_body, post, settled, sse_event, start, until
+from .support import CHAT, assert_conserved, by_request_id, check_still_serves, completion_body, post, settled, sse_event, start, until
 
 BIG_EVENT = b"data: " + b'{"choices":[{"index":0,"delta":{"content":"' + b"x" * 16_000 + b'"}}]}\n\n'
 
@@ -159,7 +159,7 @@ async def test_client_gone_mid_upload_reaches_the_upstream_only_when_streamed_an
         proxy.request_ids.append("req-large")
         receipts = await settled(proxy, proxy.request_ids)
         assert receipts["req-large"].outcome == "client_disconnected"
-        assert await proxy.store.get("req-small") is None  # it never reached a model
+        assert await by_request_id(proxy.store, "req-small") is None  # it never reached a model
         assert_conserved(proxy, receipts)
     finally:
         await proxy.close()

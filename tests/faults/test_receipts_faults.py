@@ -142,13 +142,16 @@ class BrokenStore:
     def put(self, receipt: Receipt) -> None:
         raise OSError(5, "Input/output error")
 
-    async def get(self, request_id: str) -> Receipt | None:
+    async def get(self, receipt_id: str) -> Receipt | None:
+        raise OSError(5, "Input/output error")
+
+    async def find(self, credential_hash: str | None, request_id: str, limit: int) -> list[Receipt]:
         raise OSError(5, "Input/output error")
 
     async def written(self, request_id: str, timeout_seconds: float) -> bool:
         raise OSError(5, "Input/output error")
 
-    async def tenant_usage_grams(self, periods: Sequence[str]) -> dict[tuple[str, str], float]:
+    async def tenant_usage_grams(self, periods: Sequence[str], tenants: Sequence[str] | None = None) -> dict[tuple[str, str], float]:
         return {}
 
     async def close(self) -> None:

@@ -23,7 +23,7 @@ from .support import HostileProxy, until
 
 def receipt(request_id: str, tenant: str = "team-a", **fields: object) -> Receipt:
     values: dict[str, object] = dict(
-        request_id=request_id, credential_hash=None, tenant=tenant, upstream="u", model="m", dialect="openai",
+        receipt_id=request_id, request_id=request_id, credential_hash=None, tenant=tenant, upstream="u", model="m", dialect="openai",
         method="POST", path="/v1/chat/completions", status_code=200, outcome="ok", started_unix=time.time(),
         duration_seconds=0.1, time_to_first_byte_seconds=0.01, prompt_tokens=3, output_tokens=4, work_units=None,
         images=0, energy_joules=1.0, pue=1.2, intensity_g_per_kwh=400.0, operational_grams=0.1, embodied_grams=0.01,
@@ -109,7 +109,7 @@ async def test_a_dead_writer_fails_readiness_shows_in_metrics_and_its_losses_are
     # Requests are still served, and do not wait for a commit that cannot come.
     status, _, headers = await hostile_proxy.post("/v1/chat/completions", {"model": "m", "messages": []})
     assert status == 200
-    assert await asyncio.wait_for(hostile_proxy.store.written(headers["X-Request-Id"], 30.0), 1.0) is False
+    assert await asyncio.wait_for(hostile_proxy.store.written(headers["X-Carbon-Receipt-Id"], 30.0), 1.0) is False
     await hostile_proxy.close()
     hostile_proxy.close = _noop  # type: ignore[method-assign]  # the fixture closes it again
     messages = [r.getMessage() for r in caplog.records if r.name == "carbon_proxy.receipts"]

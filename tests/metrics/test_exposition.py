@@ -16,7 +16,7 @@ from proxy.metrics import MODEL_CAP
 from proxy.serve import Service
 from proxy.tenants import OTHER
 
-from .tools import ALLOWED_TENANTS, ROOT, chat_body, fast_upstream, parse_samples, require_binary, run_tool, scrape, send_chat, start_service, stop_service
+from .tools import ALLOWED_TENANTS, ROOT, TENANT_HEADER, chat_body, fast_upstream, parse_samples, require_binary, run_tool, scrape, send_chat, start_service, stop_service
 
 DOCS = ROOT / "README.md"
 
@@ -24,7 +24,9 @@ DOCS = ROOT / "README.md"
 @pytest.fixture
 async def service() -> AsyncIterator[Service]:
     runner, url = await fast_upstream()
-    svc = await start_service(url, FakeMeter(watts=300.0))
+    # A budget for one allow-listed tenant, so the budget gauge is exported (and documented).
+    tenants = {"header": TENANT_HEADER, "allow": list(ALLOWED_TENANTS), "budgets": {"team-a": {"grams": 1e6}}}
+    svc = await start_service(url, FakeMeter(watts=300.0), tenants=tenants)
     try:
         yield svc
     finally:

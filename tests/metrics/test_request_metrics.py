@@ -15,7 +15,7 @@ from proxy.tenants import OTHER, Tenancy
 
 def receipt(**overrides: Any) -> Receipt:
     fields: dict[str, Any] = dict(
-        request_id="r1", credential_hash=None, tenant="team-a", upstream="llama", model="m", dialect="openai",
+        receipt_id="rc1", request_id="r1", credential_hash=None, tenant="team-a", upstream="llama", model="m", dialect="openai",
         method="POST", path="/v1/chat/completions", status_code=200, outcome="ok", started_unix=0.0,
         duration_seconds=0.5, time_to_first_byte_seconds=0.1, prompt_tokens=10, output_tokens=20, work_units=None,
         images=0, energy_joules=30.0, pue=1.2, intensity_g_per_kwh=450.0, operational_grams=0.0045,

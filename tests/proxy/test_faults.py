@@ -67,7 +67,7 @@ async def test_upstream_stall_mid_stream_cuts_the_stream_after_idle_timeout() ->
             started = time.monotonic()
             async with session.post(f"http://127.0.0.1:{service.public_port}/v1/chat/completions", json={"model": "m", "stream": True}) as response:
                 assert response.status == 200
-                rid = response.headers["X-Request-Id"]
+                rid = response.headers["X-Carbon-Receipt-Id"]
                 try:
                     await response.read()
                     clean_end = True
@@ -108,7 +108,7 @@ async def test_client_disconnect_closes_upstream_and_still_accounts() -> None:
             response = await session.post(
                 f"http://127.0.0.1:{service.public_port}/v1/chat/completions", json={"model": "m", "stream": True}
             )
-            rid = response.headers["X-Request-Id"]
+            rid = response.headers["X-Carbon-Receipt-Id"]
             for _ in range(10):
                 await response.content.readuntil(b"\n\n")
             response.close()  # the client goes away mid-stream

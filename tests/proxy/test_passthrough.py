@@ -155,7 +155,7 @@ async def test_binary_and_compressed_bodies_pass_unchanged(kind: str) -> None:
                 assert response.headers.get("Content-Encoding") == headers.get("Content-Encoding")
                 if kind == "gzip-json":  # buffered: figures in headers, tokens read through gzip
                     assert float(response.headers["X-Energy-Joules"]) > 0
-                    receipt_id = response.headers["X-Request-Id"]
+                    receipt_id = response.headers["X-Carbon-Receipt-Id"]
         if kind == "gzip-json":
             receipt = await service.proxy.receipts.get(receipt_id)
             assert receipt is not None and receipt.prompt_tokens == 4 and receipt.output_tokens == 2

@@ -10,6 +10,7 @@ from proxy.receipts.model import Receipt
 
 def make_receipt(request_id: str, **overrides: Any) -> Receipt:
     values: dict[str, Any] = dict(
+        receipt_id=request_id,  # tests that need them distinct pass their own
         request_id=request_id,
         credential_hash="c" * 64,
         tenant="team-a",
