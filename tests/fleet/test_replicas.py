@@ -23,7 +23,7 @@ from helpers import start_upstream
 from proxy.budgets.cost import PRIOR_GRAMS_PER_TOKEN
 from proxy.dialects.base import estimate_tokens_from_text
 
-from .pg import Cluster, free_port
+from .pg import Cluster, free_ports
 
 CHAT = "/v1/chat/completions"
 HOLD_SECONDS = 0.5
@@ -49,7 +49,7 @@ class Replica:
 
 
 def start_replica(tmp: Path, name: str, upstream: str, dsn: str, budget_grams: float) -> Replica:
-    port, admin_port = free_port(), free_port()
+    port, admin_port = free_ports(2)
     folder = tmp / name
     folder.mkdir()
     config = folder / "carbon-proxy.toml"
