@@ -160,7 +160,8 @@ class MeteredExchange:
             self.accountant.engine.close(
                 self.usage,
                 now,
-                prompt_tokens=prompt,
+                # Prefix-cache hits did no prefill work: attribution gets computed tokens only.
+                prompt_tokens=work.computed_prompt_tokens(prompt),
                 output_tokens=work.output_tokens_best(),
                 work_units=work.work_units,
                 prefill_seconds=work.prefill_seconds,
@@ -200,6 +201,7 @@ class MeteredExchange:
             duration_seconds=now - meta.started_monotonic,
             time_to_first_byte_seconds=ttfb,
             prompt_tokens=work.prompt_tokens,
+            cached_tokens=work.cached_tokens,
             output_tokens=work.output_tokens_best() if (work.output_tokens is not None or work.streamed_tokens) else None,
             work_units=work.work_units,
             images=work.images,
