@@ -118,9 +118,19 @@ class ProxyServer:
             def feed_meter(receipt: Receipt, figures: Figures | None, exchange: MeteredExchange) -> None:
                 if receipt.status == "provisional":
                     devices = groups[group_name(exchange.upstream)]
-                    observe_work(devices, receipt.prompt_tokens or 0, receipt.output_tokens or 0, receipt.model)
+                    computed = max(0, (receipt.prompt_tokens or 0) - (receipt.cached_tokens or 0))
+                    observe_work(devices, computed, receipt.output_tokens or 0, receipt.model)
 
             self.on_record(feed_meter)
+            modelled = getattr(self.meter, "modelled_joules", None)
+            if callable(modelled):
+
+                def request_joules(usage: RequestUsage) -> float:
+                    owner = usage.owner
+                    model = owner.info.model if isinstance(owner, MeteredExchange) else None
+                    return modelled(len(groups[usage.group]), usage.prompt_tokens or 0, usage.output_tokens or 0, model)
+
+                accountant.model_work(request_joules)
         await self.intensity.start()
         await self.receipts.start()
         usage = getattr(self.receipts, "tenant_usage_grams", None)
