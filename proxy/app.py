@@ -30,6 +30,7 @@ from proxy.receipts.endpoint import receipts_endpoint
 from proxy.receipts.model import Receipt, ReceiptStore
 from proxy.routing import Router
 from proxy.tenants import Tenancy
+from proxy.tokenize import PromptCounter
 
 log = logging.getLogger("carbon_proxy")
 
@@ -76,6 +77,7 @@ class ProxyServer:
         self.on_record(self.budgets.on_record)
         self._commit_wait_seconds = config.receipts.commit_wait_ms / 1000
         self._written = getattr(receipts, "written", None)
+        self.prompt_counter = PromptCounter()
         self.local_endpoints: list[LocalEndpoint] = []
         self.add_local(receipts_endpoint(receipts))
         self._read_headers = headers_read(self.tenancy.header, config.server.trust_forwarded)
@@ -145,6 +147,7 @@ class ProxyServer:
             await self.sampler.sample_once()
             await self.sampler.close()
         await self.forwarder.close()
+        await self.prompt_counter.close()
         await self.receipts.close()
         await self.intensity.close()
         await self.meter.close()
@@ -159,6 +162,12 @@ class ProxyServer:
             if path.startswith(endpoint.prefix) or path == endpoint.prefix.rstrip("/"):
                 return endpoint
         return None
+
+    def _prompt_count_for(
+        self, upstream: UpstreamConfig, body: bytes | None, authorization: str | None
+    ) -> Callable[[Callable[[int], None]], bool]:
+        """Asks the upstream's tokenizer for a prompt it did not count (see proxy.tokenize)."""
+        return lambda done: self.prompt_counter.count_later(upstream.url, upstream.dialect, body, authorization, done)
 
     def on_record(self, listener: Callable[[Receipt, Figures | None, MeteredExchange], None]) -> None:
         """Called with every receipt written (provisional, then final): metrics subscribe here."""
@@ -303,6 +312,7 @@ class ProxyServer:
             record=self._record,
             durable=self._receipt_written,
             max_event_bytes=self.config.server.max_event_bytes,
+            count_prompt=self._prompt_count_for(upstream, info.body, request.headers.get("Authorization")),
         )
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         headers = upstream_request_headers(
