@@ -23,6 +23,10 @@ def _read_tgi(work: Any, data: dict[str, Any]) -> None:
         prefill = details.get("prefill")
         if isinstance(prefill, list) and prefill:
             work.prompt_tokens = len(prefill)
+        # TGI >= 2.0 states the prompt size in the last stream event's details.
+        input_length = as_int(details.get("input_length"))
+        if input_length is not None:
+            work.prompt_tokens = input_length
 
 
 class TgiJsonReader(ResponseReader):
