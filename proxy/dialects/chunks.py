@@ -29,8 +29,16 @@ def _non_empty_string_after(data: bytes, key: bytes) -> bool:
         start = pos
 
 
+_CONTENT_STARTS = (b'"content":"', b'"content": "')
+
+
 def bears_content(data: bytes) -> bool:
     """True when one chunk's JSON carries generated text or a tool-call delta."""
+    # The common case first (a text delta, compact JSON or Python's json.dumps): one scan.
+    for start in _CONTENT_STARTS:
+        at = data.find(start)
+        if at >= 0 and data[at + len(start) : at + len(start) + 1] not in (b'"', b""):
+            return True
     for key in _TOOL_FIELDS:
         if key in data:
             return True
@@ -42,6 +50,8 @@ def bears_content(data: bytes) -> bool:
 
 def content_events(ready: bytes) -> int:
     """Content-bearing events among complete SSE events (`data:` lines, LF-framed or not)."""
+    if ready.count(b"data:") == 1:  # one event per read: the usual case
+        return int(bears_content(ready))
     count = 0
     for line in ready.splitlines():
         if line.startswith(b"data:") and bears_content(line):
