@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -91,7 +91,7 @@ class PromptCounter:
         """Per upstream origin: the index of the candidate that answered, or -1 for none."""
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def count_later(self, upstream_url: str, dialect: str, body: bytes | None, authorization: str | None, done: Any) -> bool:
+    def count_later(self, upstream_url: str, dialect: str, body: bytes | None, authorization: str | None, done: Callable[[int], None]) -> bool:
         """Start counting; `done(count)` is called with the count. False when not started."""
         if body is None or len(self._tasks) >= MAX_PENDING:
             return False
@@ -116,7 +116,7 @@ class PromptCounter:
         return True
 
     async def _count(
-        self, origin: str, text: str, candidates: list[tuple[str, dict[str, Any]]], known: int | None, authorization: str | None, done: Any
+        self, origin: str, text: str, candidates: list[tuple[str, dict[str, Any]]], known: int | None, authorization: str | None, done: Callable[[int], None]
     ) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
