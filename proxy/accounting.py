@@ -90,10 +90,17 @@ class Accountant:
         # Attribution runs on the monotonic clock; intensity data points are wall-clock.
         self._wall_offset = time.time() - time.monotonic()
         self._final_listeners: list[Callable[[RequestUsage, Figures], None]] = []
+        self._modelled: Callable[[RequestUsage], float] | None = None
         self.engine = engine_factory(self._g_per_kwh_at, self._finalized)
 
     def _g_per_kwh_at(self, monotonic_seconds: float) -> float:
         return self._intensity.at(monotonic_seconds + self._wall_offset).g_per_kwh
+
+    def model_work(self, modelled_joules: Callable[[RequestUsage], float]) -> None:
+        """A modelled meter (estimate) books a request's energy only once its work is known,
+        after the figure at the end of the response was computed: that figure would say
+        0 J. With this, a provisional figure is at least the request's modelled energy."""
+        self._modelled = modelled_joules
 
     def on_final(self, listener: Callable[[RequestUsage, Figures], None]) -> None:
         self._final_listeners.append(listener)
@@ -109,6 +116,11 @@ class Accountant:
             joules, weighted, reserved = usage.energy_joules, usage.weighted_joules, usage.reserved_seconds
         else:
             joules, weighted, reserved = self.engine.provisional(usage, now)
+            if self._modelled is not None:
+                modelled = self._modelled(usage)
+                if modelled > joules:
+                    weighted += (modelled - joules) * self._g_per_kwh_at(usage.closed_at or now)
+                    joules = modelled
         reading = self._intensity.at((usage.closed_at or now) + self._wall_offset)
         # weighted = sum of joules x g/kWh of each interval: a long stream that crosses an
         # intensity data point is priced with both values.

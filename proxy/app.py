@@ -32,6 +32,7 @@ from proxy.receipts.endpoint import receipts_endpoint
 from proxy.receipts.model import Receipt, ReceiptStore, new_receipt_id
 from proxy.routing import Router
 from proxy.tenants import Tenancy
+from proxy.tokenize import PromptCounter
 
 log = logging.getLogger("carbon_proxy")
 
@@ -82,6 +83,7 @@ class ProxyServer:
         self.on_record(self.budgets.on_record)
         self._commit_wait_seconds = config.receipts.commit_wait_ms / 1000
         self._written = getattr(receipts, "written", None)
+        self.prompt_counter = PromptCounter()
         self.local_endpoints: list[LocalEndpoint] = []
         self.add_local(receipts_endpoint(receipts))
         self._read_headers = headers_read(self.tenancy.header, config.server.trust_forwarded)
@@ -124,9 +126,19 @@ class ProxyServer:
             def feed_meter(receipt: Receipt, figures: Figures | None, exchange: MeteredExchange) -> None:
                 if receipt.status == "provisional":
                     devices = groups[group_name(exchange.upstream)]
-                    observe_work(devices, receipt.prompt_tokens or 0, receipt.output_tokens or 0, receipt.model)
+                    computed = max(0, (receipt.prompt_tokens or 0) - (receipt.cached_tokens or 0))
+                    observe_work(devices, computed, receipt.output_tokens or 0, receipt.model)
 
             self.on_record(feed_meter)
+            modelled = getattr(self.meter, "modelled_joules", None)
+            if callable(modelled):
+
+                def request_joules(usage: RequestUsage) -> float:
+                    owner = usage.owner
+                    model = owner.info.model if isinstance(owner, MeteredExchange) else None
+                    return modelled(len(groups[usage.group]), usage.prompt_tokens or 0, usage.output_tokens or 0, model)
+
+                accountant.model_work(request_joules)
         await self.intensity.start()
         await self.receipts.start()
         usage = getattr(self.receipts, "tenant_usage_grams", None)
@@ -144,6 +156,7 @@ class ProxyServer:
             await self.sampler.close()
         await self.forwarder.close()
         await self.budgets.close()
+        await self.prompt_counter.close()
         await self.receipts.close()
         await self.intensity.close()
         await self.meter.close()
@@ -158,6 +171,12 @@ class ProxyServer:
             if path.startswith(endpoint.prefix) or path == endpoint.prefix.rstrip("/"):
                 return endpoint
         return None
+
+    def _prompt_count_for(
+        self, upstream: UpstreamConfig, body: bytes | None, authorization: str | None
+    ) -> Callable[[Callable[[int], None]], bool]:
+        """Asks the upstream's tokenizer for a prompt it did not count (see proxy.tokenize)."""
+        return lambda done: self.prompt_counter.count_later(upstream.url, upstream.dialect, body, authorization, done)
 
     def on_record(self, listener: Callable[[Receipt, Figures | None, MeteredExchange], None]) -> None:
         """Called with every receipt written (provisional, then final): metrics subscribe here."""
@@ -322,6 +341,7 @@ class ProxyServer:
             durable=self._receipt_written,
             max_event_bytes=self.config.server.max_event_bytes,
             lost=self._receipt_lost,
+            count_prompt=self._prompt_count_for(upstream, info.body, request.headers.get("Authorization")),
         )
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         headers = upstream_request_headers(

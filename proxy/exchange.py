@@ -55,6 +55,7 @@ class MeteredExchange:
         durable: Callable[[str], Awaitable[None]] | None = None,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         lost: Callable[[str], None] | None = None,
+        count_prompt: Callable[[Callable[[int], None]], bool] | None = None,
     ) -> None:
         self.meta = meta
         self.upstream = upstream
@@ -73,6 +74,10 @@ class MeteredExchange:
         self._place_figures = True
         self.outcome: str | None = None
         self.receipt: Receipt | None = None
+        self._count_prompt = count_prompt
+        self._tokens_estimated = False
+        """True when a token count in the figures is not the server's own (basis flag)."""
+        self._last_figures: Figures | None = None
         usage.owner = self
 
     # -- hooks called by the data path ----------------------------------------------
@@ -174,26 +179,67 @@ class MeteredExchange:
             self.accountant.engine.close(
                 self.usage,
                 now,
-                prompt_tokens=prompt,
+                # Prefix-cache hits did no prefill work: attribution gets computed tokens only.
+                prompt_tokens=work.computed_prompt_tokens(prompt),
                 output_tokens=work.output_tokens_best(),
                 work_units=work.work_units,
                 prefill_seconds=work.prefill_seconds,
             )
-            figures = _flagged(self.accountant.figures(self.usage, now), work)
+            figures = self.accountant.figures(self.usage, now)
         except Exception:
             log.exception("accounting failed; the request is served without figures")
             if self._lost is not None:
                 self._lost("accounting_error")  # no receipt will exist: counted as dropped
             return None
+        self._tokens_estimated = self._counts_estimated()
+        figures = self._flagged(figures)
         self.receipt = self._receipt(figures, now)
+        self._last_figures = figures
         self._record(self, self.receipt, figures)
+        if self._tokens_estimated and work.prompt_tokens is None and self._count_prompt is not None:
+            try:
+                self._count_prompt(self._prompt_counted)
+            except Exception:
+                log.exception("could not ask the upstream for a prompt count")
         return figures
+
+    def _counts_estimated(self) -> bool:
+        """A token request whose prompt or output count is not the server's own, or a
+        stream that passed through unread past the event cap."""
+        work = self.reader.work
+        if work.unparsed:
+            return True
+        if self.status >= 400 or work.work_units is not None:
+            return False
+        tokens_seen = work.streamed_tokens or work.prompt_tokens is not None or work.output_tokens is not None
+        if not tokens_seen and not (self.info.prompt_tokens_estimate and self.outcome == "ok"):
+            return False
+        return work.prompt_tokens is None or work.output_tokens is None
+
+    def _flagged(self, figures: Figures) -> Figures:
+        if not self._tokens_estimated:
+            return figures
+        return dataclasses.replace(figures, basis=f"{figures.basis}; {UNPARSED_BASIS}")
+
+    def _prompt_counted(self, count: int) -> None:
+        """The upstream's tokenizer counted the prompt (after the response): the receipt
+        settles with that count; attribution uses it if it has not settled yet."""
+        work = self.reader.work
+        if work.prompt_tokens is not None or self.receipt is None:
+            return
+        work.prompt_tokens = count
+        if not self.usage.final:
+            self.usage.prompt_tokens = work.computed_prompt_tokens(count)
+        self.receipt.prompt_tokens = count
+        if self._last_figures is not None:
+            self._record(self, self.receipt, self._last_figures)
 
     def finalize(self, figures: Figures) -> None:
         """Called once attribution has settled every interval this request touched."""
         if self.receipt is None:
             return
-        figures = _flagged(figures, self.reader.work)
+        figures = self._flagged(figures)
+        self._last_figures = figures
         self.receipt = self._update(self.receipt, figures, self.meta.basis_note)
         self._record(self, self.receipt, figures)
 
@@ -216,7 +262,8 @@ class MeteredExchange:
             started_unix=meta.started_unix,
             duration_seconds=now - meta.started_monotonic,
             time_to_first_byte_seconds=ttfb,
-            prompt_tokens=work.prompt_tokens,
+            prompt_tokens=work.prompt_tokens if work.prompt_tokens is not None else (self.info.prompt_tokens_estimate or None),
+            cached_tokens=work.cached_tokens,
             output_tokens=work.output_tokens_best() if (work.output_tokens is not None or work.streamed_tokens) else None,
             work_units=work.work_units,
             images=work.images,
@@ -247,11 +294,6 @@ class MeteredExchange:
 
 
 UNPARSED_BASIS = "tokens=estimated"
+"""The basis flag of a count that is not the server's own (also: a stream passed through
+unread past the event cap)."""
 
-
-def _flagged(figures: Figures, work: Any) -> Figures:
-    """A stream that passed through unread past the event cap: its token counts (and so
-    its share of the energy) are estimates, and the basis says so."""
-    if not work.unparsed:
-        return figures
-    return dataclasses.replace(figures, basis=f"{figures.basis}; {UNPARSED_BASIS}")

@@ -26,6 +26,9 @@ class Work:
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     """Exact count from usage/details when the server reports one."""
+    cached_tokens: int | None = None
+    """Prompt tokens the server served from its prefix cache (inside prompt_tokens):
+    no prefill work was done for them."""
     streamed_tokens: int = 0
     """Tokens counted as chunks passed (timing; may differ from the exact count)."""
     work_units: float | None = None
@@ -44,6 +47,12 @@ class Work:
 
     def output_tokens_best(self) -> int:
         return self.output_tokens if self.output_tokens is not None else self.streamed_tokens
+
+    def computed_prompt_tokens(self, prompt_tokens: int | None) -> int | None:
+        """The prompt tokens the server actually prefilled: cached ones did no work."""
+        if prompt_tokens is None or not self.cached_tokens:
+            return prompt_tokens
+        return max(0, prompt_tokens - self.cached_tokens)
 
 
 @dataclass(slots=True)

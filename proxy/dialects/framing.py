@@ -124,11 +124,15 @@ class SseReader(ResponseReader):
         for marker in self.slow_markers:
             if marker in ready:
                 return self._marked(ready, now)
-        count = ready.count(b"data:")
+        count = self.count_tokens(ready)
         if count:
             self.work.streamed_tokens += count
             self.tick(count, now)
         return ready
+
+    def count_tokens(self, ready: bytes) -> int:
+        """Tokens in complete events with no slow marker: one per data event here."""
+        return ready.count(b"data:")
 
     def _marked(self, ready: bytes, now: float) -> bytes:
         """Complete events where a slow marker appears (subclasses may shortcut)."""

@@ -23,6 +23,10 @@ def _read_tgi(work: Any, data: dict[str, Any]) -> None:
         prefill = details.get("prefill")
         if isinstance(prefill, list) and prefill:
             work.prompt_tokens = len(prefill)
+        # TGI >= 2.0 states the prompt size in the last stream event's details.
+        input_length = as_int(details.get("input_length"))
+        if input_length is not None:
+            work.prompt_tokens = input_length
 
 
 class TgiJsonReader(ResponseReader):
@@ -112,9 +116,20 @@ class OllamaDialect(Dialect):
 
 
 def _read_llamacpp(work: Any, data: dict[str, Any]) -> None:
+    # llama-server (tools/server): timings.prompt_n = prompt tokens evaluated, cache_n =
+    # those reused from the slot's KV cache (no prefill work), tokens_evaluated = the whole
+    # prompt. `tokens_cached` is NOT a cache hit count (it is n_past: prompt + generated).
     timings = data.get("timings")
+    total = as_int(data.get("tokens_evaluated"))
     if isinstance(timings, dict):
-        work.prompt_tokens = as_int(timings.get("prompt_n"))
+        computed = as_int(timings.get("prompt_n"))
+        cached = as_int(timings.get("cache_n"))
+        if cached is None and computed is not None and total is not None and total >= computed:
+            cached = total - computed
+        if total is None and computed is not None:
+            total = computed + (cached or 0)
+        work.prompt_tokens = total
+        work.cached_tokens = cached
         work.output_tokens = as_int(timings.get("predicted_n"))
         prompt_ms = timings.get("prompt_ms")
         predicted_ms = timings.get("predicted_ms")
@@ -125,7 +140,7 @@ def _read_llamacpp(work: Any, data: dict[str, Any]) -> None:
         return
     # Older servers: tokens_evaluated / tokens_predicted at top level.
     if "tokens_predicted" in data:
-        work.prompt_tokens = as_int(data.get("tokens_evaluated"))
+        work.prompt_tokens = total
         work.output_tokens = as_int(data.get("tokens_predicted"))
 
 

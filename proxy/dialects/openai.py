@@ -20,6 +20,7 @@ from proxy.dialects.base import (
     estimate_tokens_from_text,
     parse_json_object,
 )
+from proxy.dialects.chunks import bears_content, content_events
 from proxy.dialects.framing import SseReader, event_data
 from proxy.dialects.json_splice import with_include_usage
 
@@ -38,6 +39,19 @@ def _strip_null_usage(data: bytes) -> bytes:
         if variant in data:
             return data.replace(variant, b"", 1)
     return data
+
+
+def cached_prompt_tokens(usage: dict[str, Any]) -> int | None:
+    """Prefix-cache hits: `prompt_tokens_details.cached_tokens` (OpenAI; vLLM with
+    --enable-prompt-tokens-details; SGLang with --enable-cache-report; llama.cpp's
+    llama-server), or `input_tokens_details` (OpenAI Responses API)."""
+    for key in ("prompt_tokens_details", "input_tokens_details"):
+        details = usage.get(key)
+        if isinstance(details, dict):
+            cached = as_int(details.get("cached_tokens"))
+            if cached is not None:
+                return cached
+    return None
 
 
 class OpenAISseReader(SseReader):
@@ -67,10 +81,21 @@ class OpenAISseReader(SseReader):
                     out = ready
                 else:
                     return self._slow(ready, now)
-                self.work.streamed_tokens += n
-                self.tick(n, now)
+                tokens = self.count_tokens(ready)
+                if tokens:
+                    self.work.streamed_tokens += tokens
+                    self.tick(tokens, now)
                 return out
         return self._slow(ready, now)
+
+    def count_tokens(self, ready: bytes) -> int:
+        # Role-only, empty and finish-only chunks are not tokens (servers that ignore
+        # include_usage leave this count as the receipt's).
+        return content_events(ready)
+
+    def on_data(self, data: bytes, now: float) -> None:
+        if bears_content(data):
+            super().on_data(data, now)
 
     def on_event(self, event: bytes, now: float) -> bytes | None:
         data = event_data(event)
@@ -117,6 +142,8 @@ class OpenAISseReader(SseReader):
     def _read_usage(self, usage: dict[str, Any]) -> None:
         self.work.prompt_tokens = as_int(usage.get("prompt_tokens"))
         self.work.output_tokens = as_int(usage.get("completion_tokens", usage.get("output_tokens")))
+        self.work.cached_tokens = cached_prompt_tokens(usage)
+
 
     def tail(self, figures: dict[str, Any] | None) -> bytes:
         chunk = self._usage_chunk
@@ -133,6 +160,7 @@ class OpenAIJsonReader(ResponseReader):
         if isinstance(usage, dict):
             self.work.prompt_tokens = as_int(usage.get("prompt_tokens", usage.get("input_tokens")))
             self.work.output_tokens = as_int(usage.get("completion_tokens", usage.get("output_tokens"))) or 0
+            self.work.cached_tokens = cached_prompt_tokens(usage)
         if isinstance(data.get("id"), str):
             self.work.response_id = data["id"]
         choices = data.get("choices")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -44,6 +45,17 @@ ECOLOGITS_BATCH_SIZE = 64
 JOULES_PER_WH = 3600.0
 DEFAULT_ACTIVE_PARAMS_BILLIONS = 8.0
 """A common self-hosted size (Llama-3.1-8B class); configure your models instead."""
+
+# "Llama-3.1-8B-Instruct", "qwen2.5:0.5b", "Mixtral-8x7B" (7: the expert size, nearer the
+# active parameters than 56), "gemma-2-27b-it", "phi3:3.8b", "Llama-3-70B".
+_SIZE_IN_NAME = re.compile(r"(?<![a-z0-9.])(?:\d+x)?(\d+(?:\.\d+)?)b(?![a-z0-9])")
+
+
+def params_billions_from_name(model: str) -> float | None:
+    """The parameter count a model name states (`8b`, `0.5B`, `70B`), in billions, or None."""
+    sizes = [float(m) for m in _SIZE_IN_NAME.findall(model.rsplit("/", 1)[-1].casefold())]
+    sizes = [size for size in sizes if 0 < size <= 10_000]
+    return sizes[-1] if sizes else None
 
 
 def ecologits_joules_per_output_token(active_params_billions: float, batch_size: float = ECOLOGITS_BATCH_SIZE) -> float:
@@ -65,12 +77,15 @@ class EstimateMeter:
         power_watts: float | Mapping[str, float] | None = None,
         active_params_billions: Mapping[str, float] | None = None,
         default_active_params_billions: float = DEFAULT_ACTIVE_PARAMS_BILLIONS,
+        params_b: float | None = None,
         batch_size: float = ECOLOGITS_BATCH_SIZE,
         prompt_token_weight: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`power_watts` selects constant-power mode (one number, or one per device).
-        `active_params_billions` maps model names to active parameters (MoE: active, not total)."""
+        `active_params_billions` maps model names to active parameters (MoE: active, not total).
+        `params_b` is the prior for a model neither configured nor sized in its name
+        (`[meter.estimate] params_b`; `default_active_params_billions` is its older name)."""
         self._devices = [str(d) for d in devices]
         if not self._devices:
             raise ConfigError("meter.estimate.devices", "needs at least one device id")
@@ -82,6 +97,11 @@ class EstimateMeter:
                     "constant power and per-token estimates are exclusive (each already includes the other's energy)",
                 )
             self._power_watts = _per_device(power_watts, self._devices)
+        if params_b is not None:
+            _check_non_negative("meter.estimate.params_b", params_b)
+            if params_b <= 0:
+                raise ConfigError("meter.estimate.params_b", "must be above 0 (a model that does work costs energy)")
+            default_active_params_billions = params_b
         _check_non_negative("meter.estimate.default_active_params_billions", default_active_params_billions)
         _check_non_negative("meter.estimate.batch_size", batch_size)
         _check_non_negative("meter.estimate.prompt_token_weight", prompt_token_weight)
@@ -106,12 +126,24 @@ class EstimateMeter:
         return tuple(self._devices)
 
     def active_params_billions(self, model: str | None) -> float:
-        """The size used for `model`: exact name, then case-insensitive, then without org/ prefix."""
+        """The size used for `model`: configured (exact name, then case-insensitive, then
+        without org/ prefix), else the size its name states, else the prior `params_b`."""
         if model:
             for key in (model, _normalize(model)):
                 if key in self._params_by_model:
                     return self._params_by_model[key]
+            named = params_billions_from_name(model)
+            if named is not None:
+                return named
         return self._default_params
+
+    def modelled_joules(self, device_count: int, prompt_tokens: int, output_tokens: int, model: str | None) -> float:
+        """What observe_work() adds for one request over `device_count` devices (per-token
+        mode; 0 in constant-power mode, where time, not work, makes the energy)."""
+        if self._power_watts is not None:
+            return 0.0
+        tokens = max(0, output_tokens or 0) + self._prompt_weight * max(0, prompt_tokens or 0)
+        return tokens * self.joules_per_output_token(model) * device_count
 
     def joules_per_output_token(self, model: str | None) -> float:
         return ecologits_joules_per_output_token(self.active_params_billions(model), self._batch_size)
@@ -151,9 +183,10 @@ class EstimateMeter:
         if model and not self._knows(model):
             self._warn_once(
                 f"model:{model}",
-                "estimate meter: no size configured for model %r; using %g B active parameters",
+                "estimate meter: no size configured for model %r; using %g B active parameters (%s)",
                 model,
-                self._default_params,
+                self.active_params_billions(model),
+                "from its name" if params_billions_from_name(model) is not None else "the params_b prior",
             )
         joules = tokens * self.joules_per_output_token(model)
         for device in device_ids:

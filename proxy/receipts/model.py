@@ -45,6 +45,9 @@ class Receipt:
     """provisional or final."""
     host_energy_joules: float | None = None
     """The host's (CPU, DRAM) share inside energy_joules; None while no host meter runs."""
+    cached_tokens: int | None = None
+    """Prompt tokens served from the server's prefix cache (inside prompt_tokens; not
+    charged as prefill work). None when the server does not say."""
 
     @property
     def device_energy_joules(self) -> float:

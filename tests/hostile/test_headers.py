@@ -81,7 +81,9 @@ async def test_protocol_errors_get_json_and_one_log_line(hostile_proxy: HostileP
 
 # -- every read header x hostile values (hypothesis, bounded) ---------------------------------
 
-non_utf8 = st.binary(min_size=1, max_size=8).map(lambda b: b"v" + bytes([0xFF]) + b)
+# No line breaks in the tail: CR LF would end the header (or the head) and make the rest
+# a different request, which is not what this test is about (bare CR is in `controls`).
+non_utf8 = st.binary(min_size=1, max_size=8).map(lambda b: b"v" + bytes([0xFF]) + b.replace(b"\r", b"").replace(b"\n", b""))
 controls = st.sampled_from([b"\x00", b"\x01", b"\x08", b"\x0b", b"\x1b", b"\x7f", b"\r"]).map(lambda c: b"a" + c + b"b")
 c1_controls = st.sampled_from(["\x80", "\x85", "\x9f"]).map(lambda c: ("a" + c).encode())
 # Valid values the proxy must keep serving: UTF-8 text, empty, tabs, near aiohttp's 8190-byte line cap.

@@ -49,7 +49,7 @@ async def test_model_names_match_loosely_and_unknown_models_use_the_default(capl
         meter.observe_work(["0"], 0, 100, "some-new-model")
         meter.observe_work(["0"], 0, 100, "some-new-model")
     assert [r.getMessage() for r in caplog.records] == [
-        "estimate meter: no size configured for model 'some-new-model'; using 3 B active parameters"
+        "estimate meter: no size configured for model 'some-new-model'; using 3 B active parameters (the params_b prior)"
     ]
     sample = await meter.read()
     assert sample.joules_by_device["0"] == pytest.approx(200 * ecologits_joules_per_output_token(3.0))

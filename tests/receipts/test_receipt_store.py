@@ -88,7 +88,7 @@ async def test_another_request_reusing_an_id_cannot_overwrite_the_receipt(store:
 
 
 async def test_get_sees_a_receipt_before_and_after_it_is_written(store: SqliteReceiptStore) -> None:
-    receipt = make_receipt("req-2", host_energy_joules=4.0)
+    receipt = make_receipt("req-2", host_energy_joules=4.0, cached_tokens=96)
     store.put(receipt)
     first = await store.get("req-2")  # from the queue or the disk, whichever holds it now
     assert first == receipt
