@@ -101,7 +101,7 @@ class OpenAISseReader(SseReader):
         data = event_data(event)
         if data is None or _USAGE not in data:
             return super().on_event(event, now)
-        if not self.info.client_wants_usage:
+        if not self.info.client_wants_usage and data.lstrip()[:1] == b"{":  # never edit what is not a JSON object
             stripped = _strip_null_usage(data)
             if stripped is not data:  # a normal chunk that only carries "usage":null
                 self.on_data(stripped, now)

@@ -43,7 +43,7 @@ def request_row(receipt: Receipt, tenant_label: Callable[[str], str]) -> dict[st
     metrics' label rule: allow-listed names, else 'other' (never a credential-hash prefix)."""
     model = receipt.model[:MODEL_MAX_CHARS] if receipt.model else None
     return {
-        "id": receipt.request_id,
+        "id": receipt.receipt_id,
         "finished_unix": receipt.finished_unix,
         "model": model,
         "upstream": receipt.upstream,

@@ -68,6 +68,7 @@ def request_attributes(exchange: MeteredExchange) -> dict[str, Any]:
         "http.request.method": meta.method,
         "url.path": meta.path,
         "carbon_proxy.request_id": meta.request_id,
+        "carbon_proxy.receipt_id": meta.receipt_id,
         "carbon_proxy.upstream": exchange.upstream.name,
         "carbon_proxy.dialect": exchange.upstream.dialect,
         "carbon_proxy.device_group": group_name(exchange.upstream),
@@ -167,7 +168,7 @@ class RequestTracer:
         if context is None:
             return
         parent = set_span_in_context(NonRecordingSpan(context))
-        attributes = {"carbon_proxy.request_id": receipt.request_id, **figure_attributes(receipt, self._tenant_label(receipt.tenant))}
+        attributes = {"carbon_proxy.request_id": receipt.request_id, "carbon_proxy.receipt_id": receipt.receipt_id, **figure_attributes(receipt, self._tenant_label(receipt.tenant))}
         # Starts where the request ended: its length is how long the figure took to settle.
         span = self._tracer.start_span(
             SETTLE_SPAN,

@@ -68,7 +68,7 @@ async def send(session: aiohttp.ClientSession, service: Service, headers: dict[s
     async with session.post(url, json=body, headers=headers, timeout=TIMEOUT) as response:
         assert response.status == 200
         await response.read()
-        return response.headers["X-Request-Id"]
+        return response.headers["X-Carbon-Receipt-Id"]
 
 
 async def test_page_and_assets_are_served_on_the_admin_listener_only(service: Service) -> None:

@@ -86,7 +86,7 @@ async def test_non_streaming_answers_are_the_engines_with_its_counts_and_energy_
         assert float(raw.headers["X-Energy-Joules"]) > 0, turn
         assert "meter=estimate; method=estimated" in raw.headers["X-Emissions-Basis"]
         assert "tokens=estimated" not in raw.headers["X-Emissions-Basis"]  # the engine's own usage
-        receipt = await _receipt(proxy, raw.headers["X-Request-Id"])
+        receipt = await _receipt(proxy, raw.headers["X-Carbon-Receipt-Id"])
         assert (receipt.prompt_tokens, receipt.output_tokens) == (answer.usage.prompt_tokens, answer.usage.completion_tokens)
         assert receipt.energy_joules > 0
 
@@ -95,7 +95,7 @@ async def test_non_streaming_answers_are_the_engines_with_its_counts_and_energy_
     )
     expected_completion = await direct.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
     assert completion.parse().choices[0].text == expected_completion.choices[0].text
-    receipt = await _receipt(proxy, completion.headers["X-Request-Id"])
+    receipt = await _receipt(proxy, completion.headers["X-Carbon-Receipt-Id"])
     assert receipt.prompt_tokens == expected_completion.usage.prompt_tokens
     assert receipt.output_tokens == expected_completion.usage.completion_tokens == MAX_TOKENS
 
@@ -108,7 +108,7 @@ async def _stream_chat(client: openai.AsyncOpenAI, include_usage: bool | None) -
         model="tiny-llama", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, seed=1, stream=True, **kwargs
     )
     stream = raw.parse()
-    return [chunk async for chunk in stream], raw.headers.get("X-Request-Id")
+    return [chunk async for chunk in stream], raw.headers.get("X-Carbon-Receipt-Id")
 
 
 def _summary(chunks: list[Any]) -> dict[str, Any]:
@@ -148,7 +148,7 @@ async def test_a_streamed_completion_gets_its_prompt_count_from_the_engines_toke
     text = "".join([chunk.choices[0].text async for chunk in raw.parse() if chunk.choices])
     assert text == expected.choices[0].text
     # The count comes from /extras/tokenize after the response, off its path.
-    receipt = await _receipt(proxy, raw.headers["X-Request-Id"], lambda r: r.prompt_tokens == expected.usage.prompt_tokens)
+    receipt = await _receipt(proxy, raw.headers["X-Carbon-Receipt-Id"], lambda r: r.prompt_tokens == expected.usage.prompt_tokens)
     assert receipt.output_tokens == expected.usage.completion_tokens == MAX_TOKENS
 
 
@@ -182,7 +182,7 @@ async def test_a_client_that_leaves_mid_stream_gets_a_receipt_and_the_engine_sta
     body = {"model": "tiny-llama", "messages": CHAT, "max_tokens": 200, "temperature": 0, "stream": True}
     async with aiohttp.ClientSession() as session:
         response = await session.post(_proxy_url(proxy) + "/v1/chat/completions", json=body)
-        request_id = response.headers["X-Request-Id"]
+        request_id = response.headers["X-Carbon-Receipt-Id"]
         seen = 0
         async for line in response.content:
             if line.startswith(b"data: ") and b'"content"' in line:
@@ -207,12 +207,12 @@ async def test_concurrent_requests_each_get_their_own_answer_and_counts(llama_se
     async def one(i: int) -> tuple[str, str]:
         if i % 2:
             raw = await _chat(proxied, prompts[i])
-            return raw.parse().choices[0].message.content or "", raw.headers["X-Request-Id"]
+            return raw.parse().choices[0].message.content or "", raw.headers["X-Carbon-Receipt-Id"]
         raw = await proxied.chat.completions.with_raw_response.create(
             model="tiny-llama", messages=prompts[i], max_tokens=MAX_TOKENS, temperature=0, seed=1, stream=True
         )
         text = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
-        return text, raw.headers["X-Request-Id"]
+        return text, raw.headers["X-Carbon-Receipt-Id"]
 
     results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
     assert [text for text, _ in results] == expected

@@ -189,7 +189,7 @@ async def test_replayed_exchange_reaches_the_client_unchanged_and_counted(
         assert body == direct["body"].encode()
         assert float(headers["X-Energy-Joules"]) > 0
     expect = exchange["expect"]
-    receipt = await _receipt(service, headers["X-Request-Id"], expect)
+    receipt = await _receipt(service, headers["X-Carbon-Receipt-Id"], expect)
     for key in ("prompt_tokens", "output_tokens", "cached_tokens", "images", "work_units"):
         if key in expect:
             assert getattr(receipt, key) == pytest.approx(expect[key]), key

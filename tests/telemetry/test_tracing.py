@@ -108,14 +108,15 @@ async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
     await runner.cleanup()
 
 
-async def chat(service: Service, headers: dict[str, str]) -> str:
+async def chat(service: Service, headers: dict[str, str]) -> tuple[str, str]:
+    """(client request id, receipt id) of one chat request."""
     body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hello"}]}
     async with aiohttp.ClientSession() as session:
         url = f"http://127.0.0.1:{service.public_port}/v1/chat/completions"
         async with session.post(url, json=body, headers=headers, timeout=TIMEOUT) as response:
             assert response.status == 200
             await response.read()
-            return response.headers["X-Request-Id"]
+            return response.headers["X-Request-Id"], response.headers["X-Carbon-Receipt-Id"]
 
 
 async def test_one_server_span_per_request_with_genai_and_carbon_attributes(receiver: Receiver, upstream: tuple[Upstream, str]) -> None:
@@ -125,10 +126,10 @@ async def test_one_server_span_per_request_with_genai_and_carbon_attributes(rece
     service = await start_proxy(url, meter=FakeMeter(watts=300.0), telemetry=telemetry, tenants=tenants)
     client = {"traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01", "X-Tenant-Id": "x", "Authorization": "Bearer sk-secret"}
     try:
-        request_id = await chat(service, client)
+        request_id, receipt_id = await chat(service, client)
     finally:
         await asyncio.wait_for(service.stop(), 20)  # settles the request, then flushes the exporter
-    receipt = await service.proxy.receipts.get(request_id)
+    receipt = await service.proxy.receipts.get(receipt_id)
     assert receipt is not None and receipt.status == "final"
 
     (request_span,) = [(a, s) for a, s in receiver.spans if s.kind == ProtoSpan.SPAN_KIND_SERVER]
@@ -142,6 +143,7 @@ async def test_one_server_span_per_request_with_genai_and_carbon_attributes(rece
     assert attributes["gen_ai.response.finish_reasons"] == ["stop"]
     assert attributes["http.response.status_code"] == 200
     assert attributes["carbon_proxy.request_id"] == request_id
+    assert attributes["carbon_proxy.receipt_id"] == receipt_id
     assert attributes["carbon_proxy.status"] == "provisional"
     assert attributes["carbon_proxy.device_group"] == "*" and attributes["carbon_proxy.upstream"] == "sim"
     for key in ("energy_joules", "device_energy_joules", "co2e_grams", "co2e_operational_grams", "co2e_embodied_grams"):
