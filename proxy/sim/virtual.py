@@ -18,6 +18,7 @@ from typing import Iterable
 
 from proxy.sim.clock import VirtualClock
 from proxy.sim.config import SimModelConfig
+from proxy.sim.counter import CounterSpec, RealisticCounter
 from proxy.sim.engine import BatchEngine, SimSequence
 from proxy.sim.gpu import RequestEnergy, SimGpu
 
@@ -73,8 +74,14 @@ def run_virtual(
     *,
     sample_interval_seconds: float = 0.1,
     tail_seconds: float = 1.0,
+    counter: CounterSpec | None = None,
+    counter_seed: int = 0,
 ) -> VirtualRun:
-    """Serve every request (arrive, queue, prefill, decode, depart) and record it all."""
+    """Serve every request (arrive, queue, prefill, decode, depart) and record it all.
+
+    With `counter`, samples are what a realistic counter shows at each poll (jittered
+    refresh, noise, stale reads, stamped at the poll that saw a change: counter.py);
+    without, the SimGpu's own counter (refresh_seconds, exact)."""
     if gpu.now() != clock():
         raise ValueError("the SimGpu must run on the VirtualClock given here")
     if sample_interval_seconds <= 0:
@@ -88,7 +95,11 @@ def run_virtual(
     # Events: (time, order, kind, payload); kinds run in this order at equal times.
     events: list[tuple[float, int, int, object]] = []
     order = 0
-    arrive, step_end, sample = 0, 1, 2
+    arrive, step_end, refresh, sample = 0, 1, 2, 3
+    realistic = RealisticCounter(gpu, counter, counter_seed) if counter is not None else None
+    if realistic is not None:
+        heapq.heappush(events, (realistic.next_refresh_seconds, order, refresh, None))
+        order += 1
     for request in pending:
         heapq.heappush(events, (request.arrival_seconds, order, arrive, request))
         order += 1
@@ -120,8 +131,12 @@ def run_virtual(
             engine.finish_step(at)
             stepping = False
             done_at = at
+        elif kind == refresh:
+            assert realistic is not None
+            realistic.refresh(at)
+            heapq.heappush(events, (realistic.next_refresh_seconds, order, refresh, None))
         else:
-            samples.append(gpu.counter_sample(at))
+            samples.append(gpu.counter_sample(at) if realistic is None else realistic.read(at))
             heapq.heappush(events, (at + sample_interval_seconds, order, sample, None))
         order += 1
         if not stepping:
