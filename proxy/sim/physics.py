@@ -187,24 +187,28 @@ def draw_physics(name: str, rng: random.Random, *, idle_watts: float, board_watt
 
     Ranges (per device, an 8B-70B model on one H100 SXM (700 W board limit, 60-100 W
     idle) or A100 (400 W, 50-60 W idle)):
-    - decode at batch 1 draws 40-120 W above idle and grows sublinearly with batch
-      (exponent 0.3-0.6) towards 300-600 W at batch 64: decode is memory bound (Samsi
+    - decode grows sublinearly with batch (exponent 0.3-0.55) to 25-50% of the dynamic
+      range at batch 64 (150-300 W on an H100; 20-60 W at batch 1): memory bound (Samsi
       et al. 2023 "From Words to Watts"; Patel et al. 2024 "Characterizing Power
       Management Opportunities for LLMs in the Cloud"; Stojkovic et al. 2024 DynamoLLM);
-    - prefill is compute bound and draws near the board limit at full speed: 0.03-0.15
-      J per prompt token on H100 for 7-13B models (Wilkins et al. 2024; Splitwise,
+    - prefill is compute bound and draws up to half the dynamic range at full speed:
+      0.02-0.06 J per prompt token on an H100 for 7-13B models (Wilkins et al. 2024; Splitwise,
       Patel et al. 2024), i.e. a prompt token costs 0.05-0.3 of a decode token at
       moderate batch;
-    - power caps at 50-80% of the board limit cost 5-30% in throughput (Patel et al.
+    - power caps at 55-85% of the dynamic range cost 5-30% in throughput (Patel et al.
       2024; Zeus, You et al. 2023): DVFS saves 10-30% energy per operation;
     - KV-cache reads: 128 KB per context token (8B, GQA) at ~3 TB/s and ~10 pJ/bit of
       HBM traffic: 1e-5 to 4e-5 J and 3e-8 to 8e-8 s per context token per step.
+    Watts scale with the board's dynamic range (an A100 draws less than an H100), so
+    that only (b) and (c) reach the board limit: the others stay additive.
     """
     dynamic_headroom = board_watts - idle_watts
+    scale = dynamic_headroom / 620.0  # the ranges below are an H100's; an A100 draws less
+    exponent = rng.uniform(0.3, 0.55)
     additive = AdditivePhysics(
-        prefill_joules_per_token=rng.uniform(0.03, 0.15),
-        decode_watts_at_batch_1=rng.uniform(40.0, 120.0),
-        decode_batch_exponent=rng.uniform(0.3, 0.6),
+        prefill_joules_per_token=rng.uniform(0.02, 0.06) * scale,
+        decode_watts_at_batch_1=rng.uniform(0.25, 0.5) * dynamic_headroom / 64**exponent,
+        decode_batch_exponent=exponent,
     )
     if name == "additive":
         return additive
@@ -212,11 +216,11 @@ def draw_physics(name: str, rng: random.Random, *, idle_watts: float, board_watt
         return CurvePhysics(
             prefill_weight=rng.uniform(0.05, 0.3),
             # 40-120 W at batch 1 decoding 50 tokens/s: 0.8-2.4 J per unit at low load.
-            joules_per_unit_at_low_load=rng.uniform(0.8, 2.4),
+            joules_per_unit_at_low_load=rng.uniform(0.8, 2.0) * scale,
             saturation_watts=dynamic_headroom * rng.uniform(0.7, 1.0),
         )
     if name == "throttled":
-        return ThrottledPhysics(additive, cap_watts=dynamic_headroom * rng.uniform(0.45, 0.8), dvfs_saving=rng.uniform(0.1, 0.3))
+        return ThrottledPhysics(additive, cap_watts=dynamic_headroom * rng.uniform(0.55, 0.85), dvfs_saving=rng.uniform(0.1, 0.3))
     if name == "context":
         return ContextPhysics(
             additive,
