@@ -196,6 +196,11 @@ RESTART_WINDOW_SECONDS = 30.0
 """After a restart, requests arriving within this much traffic are scored apart."""
 
 
+SETTLE_MS = 100.0
+"""The [attribution] settle_ms the bench measures: a response's last bytes wait at most
+this long for the meter reading that covers its end."""
+
+
 @dataclass(slots=True)
 class Replay:
     settled: dict[str, float]
@@ -203,6 +208,10 @@ class Replay:
     """The figure at the end of the response (provisional), per request."""
     conservation: float
     state: dict | None = None
+    at_end_settled: dict[str, float] = field(default_factory=dict)
+    """The same figure with settle_ms = SETTLE_MS."""
+    settle_waits: list[float] = field(default_factory=list)
+    """Seconds each response's last bytes waited for it."""
 
 
 def replay_engine(
@@ -240,9 +249,24 @@ def replay_engine(
     events.sort(key=lambda e: (e[0], e[1], e[2]))
     usages = {}
     at_end: dict[str, float] = {}
+    at_end_settled: dict[str, float] = {}
+    waits: list[float] = []
+    holding: list[tuple[str, float]] = []  # closed, waiting for a reading (settle_ms)
+    settle = SETTLE_MS / 1000
     for at, _, _, (action, payload) in events:  # type: ignore[misc]
         if action == "sample":
             engine.on_sample(EnergySample(at, payload))  # type: ignore[arg-type]
+            still = []
+            for rid, closed in holding:
+                if at - closed > settle:  # timed out: the predicted figure goes out
+                    at_end_settled[rid] = at_end[rid]
+                    waits.append(settle)
+                elif at >= closed:
+                    at_end_settled[rid] = engine.provisional(usages[rid], at)[0]
+                    waits.append(at - closed)
+                else:
+                    still.append((rid, closed))
+            holding = still
             continue
         trace = payload
         rid = trace.request_id  # type: ignore[attr-defined]
@@ -253,6 +277,7 @@ def replay_engine(
         else:
             engine.close(usages[rid], at, prompt_tokens=trace.prompt_tokens, output_tokens=len(trace.token_seconds))  # type: ignore[attr-defined]
             at_end[rid] = engine.provisional(usages[rid], at)[0]
+            holding.append((rid, at))
     not_final = [rid for rid, u in usages.items() if not u.final]
     if not_final:
         raise RuntimeError(f"{len(not_final)} requests never became final, e.g. {not_final[:3]}")
@@ -263,7 +288,9 @@ def replay_engine(
     settled = {rid: u.energy_joules for rid, u in usages.items()}
     measured = totals.measured_joules
     conservation = abs(sum(settled.values()) + totals.idle_joules - measured) / measured
-    return Replay(settled, at_end, conservation, engine.save_state())
+    for rid, _ in holding:
+        at_end_settled[rid] = at_end[rid]
+    return Replay(settled, at_end, conservation, engine.save_state(), at_end_settled, waits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +326,7 @@ class CaseResult:
 
     world: str
     errors: dict[str, list[float]] = field(default_factory=dict)
+    settle_waits: list[float] = field(default_factory=list)
     """'<channel>/<kind>' -> errors; channels: settled, end, equal, time, restart-with,
     restart-without, restart-with-end, restart-without-end; kinds: stream, plain."""
     conservation: float = 0.0
@@ -339,8 +367,9 @@ def run_case(physics: str, counter: str, seed: int, warmup: int, count: int) -> 
     spans = [Span(t.request_id, t.arrival_seconds, t.finished_seconds) for t in run.traces]
     naive = baselines(spans, samples)
     result = CaseResult(f"{physics}/{counter}/{seed}", conservation=max(warm.conservation, with_state.conservation))
+    result.settle_waits = warm.settle_waits
     figures = {
-        "settled": (warm.settled, scored), "end": (warm.at_end, scored),
+        "settled": (warm.settled, scored), "end": (warm.at_end, scored), "end-settle": (warm.at_end_settled, scored),
         "equal": (naive["equal split"], scored), "time": (naive["time split"], scored),
         "restart-with": (with_state.settled, early), "restart-with-end": (with_state.at_end, early),
         "restart-without": (without.settled, early), "restart-without-end": (without.at_end, early),
@@ -522,6 +551,7 @@ async def run_proxy_mixes(count: int, seed: int, warmup_seconds: float) -> list[
 CHANNELS = (
     ("settled", "settled (receipt)"),
     ("end", "end of response"),
+    ("end-settle", f"end of response, settle_ms = {SETTLE_MS:g}"),
     ("restart-with", "settled, first 30 s after a restart, state persisted"),
     ("restart-with-end", "end of response, first 30 s after a restart, state persisted"),
     ("restart-without", "settled, first 30 s after a restart, no state"),
@@ -568,6 +598,11 @@ def summarize(cases: Sequence[CaseResult]) -> tuple[str, list[str]]:
             lines.append(f"| {world} | {label} | " + " | ".join(cells) + " |")
         conservation = max(c.conservation for c in runs)
         lines.append(f"| {world} | conservation (worst seed) | {conservation:.4%} | | | |")
+        waits = [w for c in runs for w in c.settle_waits]
+        lines.append(
+            f"| {world} | latency added by settle_ms = {SETTLE_MS:g} (mean / p99) | "
+            f"{1000 * math.fsum(waits) / max(1, len(waits)):.0f} ms | {1000 * percentile(waits, 0.99):.0f} ms | | |"
+        )
         if world.endswith("dcgm-1s"):
             verdicts.append(f"{world}: report only (no goal with a 1 s counter)")
             continue

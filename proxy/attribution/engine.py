@@ -577,6 +577,11 @@ class AttributionEngine:
     def group_devices(self, group: str) -> tuple[str, ...]:
         return self._groups[group].devices
 
+    def last_sample_seconds(self, group: str) -> float:
+        """When the group's latest meter sample was taken (-inf before the first)."""
+        last = self._groups[group].last_t
+        return last if last is not None else float("-inf")
+
     def last_power_watts(self, group: str) -> float:
         return self._groups[group].last_power_watts
 

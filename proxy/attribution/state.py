@@ -10,11 +10,15 @@ lost state costs accuracy for a minute, never a request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sqlite3
 import time
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from proxy.attribution.engine import AttributionEngine
 
 log = logging.getLogger("carbon_proxy.attribution.state")
 
@@ -84,3 +88,46 @@ class LearnedStateStore:
                 connection.close()
         except (sqlite3.Error, ValueError) as err:
             log.warning("could not save learned attribution state to %s: %s", self._path, err)
+
+
+class StateKeeper:
+    """Loads an engine's learned state at start, saves it every SAVE_EVERY_SECONDS and at
+    stop, off the event loop (a thread: sqlite3 blocks)."""
+
+    def __init__(self, engine: "AttributionEngine", store: LearnedStateStore, every_seconds: float = SAVE_EVERY_SECONDS) -> None:
+        self._engine = engine
+        self._store = store
+        self._every = every_seconds
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> list[str]:
+        """Restore what was saved; returns the groups restored."""
+        states = await asyncio.to_thread(self._store.load)
+        restored = self._engine.load_state(states) if states else []
+        if restored:
+            log.info("attribution resumes with learned state for %s", ", ".join(restored))
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="attribution-state")
+        return restored
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._every)
+            await self.save()
+
+    async def save(self) -> None:
+        try:
+            states = self._engine.save_state()
+        except Exception:
+            log.exception("could not snapshot the learned attribution state")
+            return
+        await asyncio.to_thread(self._store.save, states)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await self.save()
