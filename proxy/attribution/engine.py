@@ -42,6 +42,8 @@ DEFAULT_DECODE_SECONDS_PER_TOKEN = 0.03
 """Until learned from streams: a decoding sequence's time per output token."""
 DEFAULT_FASTEST_DECODE_SECONDS_PER_TOKEN = 0.01
 RECENT_SECONDS = 0.3
+PREFILL_PACE_MARGIN = 1.5
+"""Prefill progress inferred from power is capped at this times the learned pace."""
 STATE_VERSION = 1
 """Of save_state's layout; a saved state of another version is learned again."""
 """Until learned from streams: a sequence decodes no faster than this (100 tokens/s)."""
@@ -361,7 +363,10 @@ class AttributionEngine:
                     context += tokens * self._context(usage, start, end, (t0 + t1) / 2)
             duration = t1 - t0
             rates = Rates(0.0, output / duration, context / duration, sequence_seconds / duration)
-            processed = model.prompt_rate_for(dynamic_joules / duration, rates) * duration
+            # Never faster than the learned prefill throughput: near saturation a small
+            # change of power inverts to a large change of prompt tokens.
+            most = pace.prefill_tokens_per_second * PREFILL_PACE_MARGIN
+            processed = min(model.prompt_rate_for(dynamic_joules / duration, rates), most) * duration
         return prefill.advance(t0, t1, processed)
 
     @staticmethod

@@ -103,6 +103,9 @@ class BatchEngine:
         self._step_prefill: list[tuple[SimSequence, int]] = []
         self.steps = 0
         self.tokens_generated = 0
+        self.prompt_tokens_processed = 0
+        """Prompt tokens prefilled so far, counted as each step ends (vLLM's
+        vllm:prompt_tokens_total; tokens_generated is vllm:generation_tokens_total)."""
 
     # -- membership -----------------------------------------------------------------------
 
@@ -222,6 +225,7 @@ class BatchEngine:
             if seq.phase is not Phase.PREFILL:
                 continue
             seq.prefilled_tokens += take
+            self.prompt_tokens_processed += take
             if seq.prefilled_tokens < seq.prompt_tokens:
                 continue
             self._prefilling.remove(seq)

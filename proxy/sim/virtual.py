@@ -50,6 +50,9 @@ class VirtualRun:
     """Counter readings (timestamp the counter refreshed, joules per device) every period."""
     energy_joules: float
     idle_joules: float
+    server: list[tuple[float, int, int, int]] = field(default_factory=list)
+    """The server's own metrics at each poll: (time, prompt tokens processed, tokens
+    generated, requests running), as vLLM's /metrics shows them."""
 
 
 class _Recorder:
@@ -92,6 +95,7 @@ def run_virtual(
     engine = BatchEngine(config, gpu)
     traces: list[VirtualTrace] = []
     samples: list[tuple[float, dict[str, float]]] = []
+    server: list[tuple[float, int, int, int]] = []
     # Events: (time, order, kind, payload); kinds run in this order at equal times.
     events: list[tuple[float, int, int, object]] = []
     order = 0
@@ -137,6 +141,7 @@ def run_virtual(
             heapq.heappush(events, (realistic.next_refresh_seconds, order, refresh, None))
         else:
             samples.append(gpu.counter_sample(at) if realistic is None else realistic.read(at))
+            server.append((at, engine.prompt_tokens_processed, engine.tokens_generated, engine.running_count))
             heapq.heappush(events, (at + sample_interval_seconds, order, sample, None))
         order += 1
         if not stepping:
@@ -148,4 +153,4 @@ def run_virtual(
     now = clock()
     for trace in traces:
         trace.ground_truth = gpu.ground_truth(trace.request_id, now)
-    return VirtualRun(traces, samples, gpu.energy_joules(now), gpu.idle_joules_at(now))
+    return VirtualRun(traces, samples, gpu.energy_joules(now), gpu.idle_joules_at(now), server)

@@ -96,3 +96,17 @@ def test_context_decode_token_pays_for_the_context_it_reads() -> None:
     each = 50.0 * 2**0.5 * seconds / 2
     assert cost.joules_by_request["short"] == pytest.approx(each + 2e-5 * 100)
     assert cost.joules_by_request["long"] - cost.joules_by_request["short"] == pytest.approx(2e-5 * 8000)
+
+
+def test_the_server_counts_its_prompt_and_generated_tokens_as_vllm_does() -> None:
+    clock = VirtualClock()
+    gpu = SimGpu(clock=clock, physics=AdditivePhysics())
+    requests = _workload(5, count=60)
+    run = run_virtual(requests, SimModelConfig(max_batch=16), gpu, clock)
+    times = [at for at, *_ in run.server]
+    prompts = [p for _, p, _, _ in run.server]
+    assert times == sorted(times) and prompts == sorted(prompts)  # counters only grow
+    _, prompt_total, generated_total, running = run.server[-1]
+    assert prompt_total == sum(r.prompt_tokens for r in requests)
+    assert generated_total == sum(r.output_tokens for r in requests) and running == 0
+    assert any(0 < n < 16 for *_, n in run.server)  # vllm:num_requests_running while busy
