@@ -1,34 +1,29 @@
-"""Attribution accuracy: per-request energy against a ground-truth simulation.
+"""Attribution accuracy: per-request energy against ground-truth simulations of several physics.
 
-The SimGpu knows exactly what each request cost (decode power shared by the batch each
-step, prefill power to its owner, idle power by presence; decode power sublinear in batch
-size, a board power limit, 5% noise on every change of work). The proxy only sees what
-crosses the wire (arrival, streamed tokens, end, final usage) and a counter that
-refreshes every 100 ms. This benchmark runs the real AttributionEngine on exactly that,
-and compares it with two naive baselines:
-- equal split: each interval's measured energy split equally among the requests in flight;
-- time split: each interval's measured energy split by the time each was present in it.
+The sim (proxy.sim.physics) knows exactly what each request cost under DESIGN.md section
+5's convention (Aumann-Shapley of the group's power in each request's work; static power
+by presence), in a family of physics whose parameters are drawn per seed from published
+H100/A100 ranges: additive prefill + decode power, one saturating curve of total work,
+a hard power cap with throttling, and decode that costs more with context (KV reads).
+The counter is realistic (proxy.sim.counter): 20-100 ms refresh with jitter, a few
+percent noise, stale reads, stamped at the poll that saw the change; or the DCGM
+exporter's 1 s (report only). The proxy only sees what crosses the wire (arrival,
+streamed tokens, end, final usage) and those readings; the real AttributionEngine runs
+on exactly that, in virtual time (fast on 2 shared cores).
 
-Workload: Poisson arrivals whose rate swings slowly (from a few to ~60 requests in
-flight), prompts 50-4000 and outputs 10-800 tokens (log-uniform), continuous batching
-with chunked prefill (proxy.sim.engine), after a few idle seconds (idle power is learned).
+Each world: learning traffic, an idle gap (where the proxy restarts), scored traffic;
+half the requests stream. Channels, each apart: the settled figure (receipt), the figure
+at the end of the response (headers, end of stream), the same with [attribution]
+settle_ms = 100 and the latency it adds, and the first 30 s of traffic after a restart
+with the learned state reloaded and without. Baselines: each interval's measured energy
+split equally among the requests in flight, or by the time each was present.
+Conservation: |attributed + idle - measured| / measured.
 
-Modes:
-- --virtual (default): the batching engine in virtual time (fast, deterministic), each
-  trace replayed into the engine in time order; a streaming, a non-streaming and a mixed
-  (every other request streams) run, each scored after a warm-up the engine learns from
-  (the proxy runs for days; the warm-up's own errors are printed as "cold start").
-- --proxy: end to end over HTTP through the real proxy (in-process, its real sampler and
-  receipts) in front of the sim server, in real time: a fresh proxy, mixed warm-up
-  traffic, then a streaming and a non-streaming phase, scored from the final receipts.
-  Smaller and shorter outputs (10-400) so that it takes under two minutes; mostly a cold
-  proxy, so its figures are above the virtual mode's (--proxy-warmup-seconds for more).
+Reports the median and p90 of |attributed - truth| / truth per channel, as the median
+over seeds with the range, as one Markdown table; then each world against the goals.
 
-Reports per-request relative error |attributed - truth| / truth (median, p90, p99) and
-conservation error |attributed + idle - measured| / measured per mix and method, as one
-Markdown table, then each mix against the goals of issue #3.
-
-    .venv/bin/python bench/attribution.py [--virtual] [--proxy] [--requests 500] [--seed 1]
+    .venv/bin/python bench/attribution.py [--seeds 5] [--physics additive,curve] [--counters nvml-like,dcgm-1s]
+    .venv/bin/python bench/attribution.py --proxy   # end to end over HTTP through the real proxy (real time)
 """
 
 from __future__ import annotations
@@ -59,9 +54,9 @@ from proxy.sim.counter import CounterSpec  # noqa: E402
 from proxy.sim.physics import PHYSICS_NAMES, draw_physics  # noqa: E402
 
 NOISE_FRACTION = 0.05
-"""Each change of work draws power off by a few percent (clocks, temperature)."""
+"""Proxy mode: each change of work draws power off by a few percent (clocks, temperature)."""
 REFRESH_SECONDS = 0.1
-"""NVML's energy counter refreshes about every 100 ms."""
+"""Proxy mode and the exact counter: NVML's energy counter refreshes about every 100 ms."""
 IDLE_LEAD_SECONDS = 3.0
 """The server idles before traffic starts, as a freshly started one does (idle learning)."""
 GOALS = {True: (0.03, 0.10), False: (0.05, 0.15)}
