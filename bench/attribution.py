@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import random
 import sys
 import time
@@ -277,9 +276,6 @@ def replay_engine(
     if not_final:
         raise RuntimeError(f"{len(not_final)} requests never became final, e.g. {not_final[:3]}")
     totals = engine.totals()["gpu"]
-    if os.environ.get("DEBUG_FIT"):
-        group = engine._groups["gpu"]
-        print("fit", group.model.fit, "idle", group.idle.current_watts(), "blocks", group.model.blocks, file=sys.stderr)
     settled = {rid: u.energy_joules for rid, u in usages.items()}
     measured = totals.measured_joules
     conservation = abs(sum(settled.values()) + totals.idle_joules - measured) / measured
