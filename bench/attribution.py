@@ -372,6 +372,16 @@ def run_case(physics: str, counter: str, seed: int, warmup: int, count: int) -> 
     return result
 
 
+def batch_note(spans: Sequence[Span], samples: Sequence[tuple[float, float]]) -> str:
+    """Requests in flight per busy interval (p10/p50/p90), to show the load swept."""
+    counts: list[float] = []
+    for t, _ in samples[1::5]:
+        n = sum(1 for s in spans if s.start <= t < s.end)
+        if n:
+            counts.append(n)
+    return f"in flight p10/p50/p90 = {percentile(counts, 0.1):.0f}/{percentile(counts, 0.5):.0f}/{percentile(counts, 0.9):.0f}"
+
+
 # -- proxy mode ---------------------------------------------------------------------------
 
 PROXY_MODEL = SimModelConfig(natural_tokens_min=1000, natural_tokens_max=1000)
