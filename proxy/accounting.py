@@ -7,6 +7,7 @@ headers and as the JSON object placed at the end of streams and in receipts.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -83,8 +84,12 @@ class Accountant:
         intensity: IntensityProvider,
         pricing: dict[str, GroupPricing],
         meter_basis: Callable[[], str],
+        settle_seconds: float = 0.0,
     ) -> None:
         self._intensity = intensity
+        self.settle_seconds = settle_seconds
+        """How long a response's last bytes may wait for the meter to cover its end."""
+        self._sample_waiters: list[asyncio.Future[None]] = []
         self._pricing = pricing
         self._meter_basis = meter_basis
         # Attribution runs on the monotonic clock; intensity data points are wall-clock.
@@ -101,6 +106,32 @@ class Accountant:
         after the figure at the end of the response was computed: that figure would say
         0 J. With this, a provisional figure is at least the request's modelled energy."""
         self._modelled = modelled_joules
+
+    def sampled(self) -> None:
+        """The engine took a meter sample: wake whoever waits for one (settle_ms)."""
+        waiters, self._sample_waiters = self._sample_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def covered(self, usage: RequestUsage) -> None:
+        """Wait, at most settle_seconds, until a meter sample covers the request's end, so
+        that its figure at the end of the response is measured, not predicted."""
+        end = usage.closed_at
+        if self.settle_seconds <= 0 or end is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settle_seconds
+        while self.engine.last_sample_seconds(usage.group) < end:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._sample_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except asyncio.TimeoutError:
+                return
 
     def on_final(self, listener: Callable[[RequestUsage, Figures], None]) -> None:
         self._final_listeners.append(listener)

@@ -14,6 +14,8 @@ from aiohttp import web
 
 from proxy.accounting import Accountant, Figures, GroupPricing
 from proxy.attribution import AttributionEngine, RequestUsage
+from proxy.attribution.prior import group_prior
+from proxy.attribution.state import LearnedStateStore, StateKeeper
 from proxy.budgets import REMAINING_HEADER, build_budgets, format_grams
 from proxy.budgets.cost import requested_output_tokens
 from proxy.budgets.ledger import OPEN
@@ -26,7 +28,7 @@ from proxy.forward import Forwarder, json_error
 from proxy.header_guard import RateLimitedLog, first_bad_header, headers_read, invalid_header_message, where
 from proxy.headers import request_id_from, upstream_request_headers
 from proxy.local import LocalEndpoint, LocalRequest, LocalResponse, error_response
-from proxy.meters.base import Meter
+from proxy.meters.base import EnergySample, Meter
 from proxy.meters.sampler import Sampler
 from proxy.receipts.endpoint import receipts_endpoint
 from proxy.receipts.model import Receipt, ReceiptStore, new_receipt_id
@@ -72,6 +74,7 @@ class ProxyServer:
         self.forwarder = Forwarder(max_buffer_bytes=config.server.max_buffer_bytes)
         self.sampler: Sampler | None = None
         self.accountant: Accountant | None = None
+        self.state_keeper: StateKeeper | None = None
         self._record_listeners: list[Callable[[Receipt, Figures | None, MeteredExchange], None]] = []
         self._forward_listeners: list[Callable[[MeteredExchange], None]] = []
         self._reject_listeners: list[Callable[[str], None]] = []
@@ -106,6 +109,8 @@ class ProxyServer:
                 devices=len(members),
             )
         attribution = self.config.attribution
+        device_models = {group_name(u): u.device_model for u in self.config.upstreams}
+        priors = {name: p for name, p in ((n, group_prior(device_models[n], len(m))) for n, m in groups.items()) if p}
 
         def engine_factory(weight_at: Callable[[float], float], on_final: Callable[[RequestUsage], None]) -> AttributionEngine:
             return AttributionEngine(
@@ -114,10 +119,17 @@ class ProxyServer:
                 prefill_weight=attribution.prefill_weight,
                 weight_at=weight_at,
                 on_final=on_final,
+                prior=priors,
             )
 
-        self.sampler = Sampler(self.meter, lambda sample: accountant.engine.on_sample(sample), self.config.meter.interval_ms / 1000)
-        accountant = Accountant(engine_factory, self.intensity, pricing, self.sampler.basis)
+        def on_sample(sample: EnergySample) -> None:
+            accountant.engine.on_sample(sample)
+            accountant.sampled()
+
+        self.sampler = Sampler(self.meter, on_sample, self.config.meter.interval_ms / 1000)
+        accountant = Accountant(
+            engine_factory, self.intensity, pricing, self.sampler.basis, settle_seconds=attribution.settle_ms / 1000
+        )
         self.accountant = accountant
         accountant.on_final(self._finalized)
         observe_work = getattr(self.meter, "observe_work", None)
@@ -147,6 +159,11 @@ class ProxyServer:
         self.budgets.warm(sorted(self.tenancy.allow))  # a few configured names: their gauges show at once
         self.budgets.start()
         await self.forwarder.start()
+        receipts_path = getattr(self.receipts, "path", None)
+        if isinstance(receipts_path, str) and receipts_path != ":memory:":
+            # Learned attribution state lives in the receipts SQLite file (its own table).
+            self.state_keeper = StateKeeper(accountant.engine, LearnedStateStore(receipts_path, device_models))
+            await self.state_keeper.start()
         await self.sampler.start()
 
     async def stop(self) -> None:
@@ -154,6 +171,8 @@ class ProxyServer:
         if self.sampler is not None:
             await self.sampler.sample_once()
             await self.sampler.close()
+        if self.state_keeper is not None:
+            await self.state_keeper.stop()
         await self.forwarder.close()
         await self.budgets.close()
         await self.prompt_counter.close()

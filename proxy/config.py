@@ -89,6 +89,9 @@ class AttributionConfig:
     """None means 'auto': learned online, starting from DEFAULT_PREFILL_WEIGHT."""
     idle_power_watts: float | dict[str, float] | None = None
     """None means 'auto': learned as a low percentile of power while nothing is in flight."""
+    settle_ms: float = 0.0
+    """Hold the last bytes of a response at most this long for the next meter reading,
+    so that its figure covers its end (0: send at once, with a predicted tail)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +282,7 @@ def _meter(table: dict[str, Any]) -> MeterConfig:
 
 
 def _attribution(table: dict[str, Any]) -> AttributionConfig:
-    _check_keys("attribution", table, {"prefill_weight", "idle_power_watts"})
+    _check_keys("attribution", table, {"prefill_weight", "idle_power_watts", "settle_ms"})
     weight = table.get("prefill_weight", "auto")
     prefill_weight = None if weight == "auto" else _number("attribution.prefill_weight", weight, minimum=0)
     idle = table.get("idle_power_watts", "auto")
@@ -290,7 +293,10 @@ def _attribution(table: dict[str, Any]) -> AttributionConfig:
         idle_power = {str(k): _number(f"attribution.idle_power_watts.{k}", v, minimum=0) for k, v in idle.items()}
     else:
         idle_power = _number("attribution.idle_power_watts", idle, minimum=0)
-    return AttributionConfig(prefill_weight=prefill_weight, idle_power_watts=idle_power)
+    settle_ms = _number("attribution.settle_ms", table.get("settle_ms", 0), minimum=0)
+    if settle_ms > 10_000:
+        raise ConfigError("attribution.settle_ms", f"at most 10000 (a response's last bytes wait that long), got {settle_ms!r}")
+    return AttributionConfig(prefill_weight=prefill_weight, idle_power_watts=idle_power, settle_ms=float(settle_ms))
 
 
 def _receipts(table: dict[str, Any]) -> ReceiptsConfig:

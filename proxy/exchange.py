@@ -128,7 +128,7 @@ class MeteredExchange:
             self.reader.end()
         except Exception:
             log.exception("dialect failed at end of stream")
-        figures = self._close("ok")
+        figures = await self._settled(self._close("ok"))
         await self._receipt_durable()
         placed = figures.as_json() if figures is not None and self._place_figures else None
         if placed is not None:
@@ -145,13 +145,25 @@ class MeteredExchange:
             self.reader.read_body(body, self._encoding)
         except Exception:
             log.exception("dialect failed on a response body")
-        figures = self._close("ok" if self.status < 400 else "upstream_error")
+        figures = await self._settled(self._close("ok" if self.status < 400 else "upstream_error"))
         await self._receipt_durable()
         if figures is None:
             return {}
         headers = figures.headers()
         headers["X-Emissions-Basis"] += self.meta.basis_note
         return headers
+
+    async def _settled(self, figures: Figures | None) -> Figures | None:
+        """With [attribution] settle_ms: the last bytes wait (bounded) for the meter
+        reading that covers the request's end, then carry the figure as of then."""
+        if figures is None or self.accountant.settle_seconds <= 0:
+            return figures
+        try:
+            await self.accountant.covered(self.usage)
+            return self.accountant.figures(self.usage, time.monotonic())
+        except Exception:
+            log.exception("settling the end-of-response figure failed; sending the predicted one")
+            return figures
 
     def failed(self, reason: str) -> None:
         try:

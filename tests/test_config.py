@@ -53,6 +53,7 @@ def test_design_example_loads(tmp_path) -> None:
     assert config.upstreams[0].devices == ("0",) and config.upstreams[0].pue == 1.2
     assert config.meter.kind == "scrape" and config.meter.options["scale"] == 0.001
     assert config.attribution.prefill_weight is None and config.attribution.idle_power_watts is None
+    assert config.attribution.settle_ms == 0.0  # the end-of-response figure is never held by default
 
 
 @pytest.mark.parametrize(
@@ -67,6 +68,8 @@ def test_design_example_loads(tmp_path) -> None:
         ({"upstreams": [{"url": "http://x"}], "server": {"listen": "nope"}}, "server.listen", "HOST:PORT"),
         ({"upstreams": [{"url": "http://x"}], "meter": {"kind": "geiger"}}, "meter.kind", "unknown meter"),
         ({"upstreams": [{"url": "http://x"}], "attribution": {"prefill_weight": "lots"}}, "attribution.prefill_weight", "number"),
+        ({"upstreams": [{"url": "http://x"}], "attribution": {"settle_ms": -5}}, "attribution.settle_ms", "at least 0"),
+        ({"upstreams": [{"url": "http://x"}], "attribution": {"settle_ms": 60_000}}, "attribution.settle_ms", "at most 10000"),
         (
             {"upstreams": [{"name": "a", "url": "http://x", "devices": ["0", "1"]}, {"name": "b", "url": "http://y", "devices": ["1"]}]},
             "upstreams[1].devices",

@@ -15,12 +15,16 @@ from the meter, first come first served); and paces from streams (timing.py).
 from __future__ import annotations
 
 import logging
+import math
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from proxy.attribution.learning import IdlePowerLearner, WorkCostLearner
+from proxy.attribution.costmodel import CostModel, Prices, Rates
+from proxy.attribution.learning import IdlePowerLearner
 from proxy.attribution.prefill import PrefillProgress, ProgressSpan
+from proxy.attribution.prior import GroupPrior
 from proxy.attribution.split import decode_work, known_work, overlap, presence_shares, split_dynamic, split_priced
 from proxy.attribution.timing import PaceLearner
 from proxy.attribution.usage import RequestUsage
@@ -37,6 +41,11 @@ DEFAULT_PREFILL_TOKENS_PER_SECOND = 5000.0
 DEFAULT_DECODE_SECONDS_PER_TOKEN = 0.03
 """Until learned from streams: a decoding sequence's time per output token."""
 DEFAULT_FASTEST_DECODE_SECONDS_PER_TOKEN = 0.01
+RECENT_SECONDS = 0.3
+PREFILL_PACE_MARGIN = 1.5
+"""Prefill progress inferred from power is capped at this times the learned pace."""
+STATE_VERSION = 1
+"""Of save_state's layout; a saved state of another version is learned again."""
 """Until learned from streams: a sequence decodes no faster than this (100 tokens/s)."""
 
 
@@ -50,7 +59,12 @@ class _Interval:
     presence: array  # seconds present, per member
     binned: array  # output tokens seen in the interval, per member (streams)
     estimates: array  # dynamic joules credited as estimates, per member
+    contexts: array  # tokens in each member's KV cache (streams: as sampled; others: refined later)
     progress: ProgressSpan  # the group's prefill progress at t0 and t1
+    prices: Prices | None = None  # AS prices at the interval's rates (once the model is learned)
+    priced_prompt: list[float] = field(default_factory=list)  # per member, at the last split
+    priced_decode: list[float] = field(default_factory=list)
+    tokens_per_batch_second: float = 1.0 / DEFAULT_DECODE_SECONDS_PER_TOKEN
     uncovered: int = 0
     """Members not yet closed and covered by a sample; the interval settles at 0."""
 
@@ -69,7 +83,10 @@ class _Group:
     name: str
     devices: tuple[str, ...]
     idle: IdlePowerLearner
-    cost: WorkCostLearner
+    model: CostModel
+    fixed_prefill_weight: float | None
+    prefill_weight: float = DEFAULT_PREFILL_WEIGHT
+    """The latest settled interval's joules per prompt token over joules per output token."""
     pace: PaceLearner = field(default_factory=lambda: PaceLearner(DEFAULT_PREFILL_TOKENS_PER_SECOND))
     prefill: PrefillProgress = field(default_factory=PrefillProgress)
     open: set[RequestUsage] = field(default_factory=set)
@@ -78,6 +95,18 @@ class _Group:
     last_joules: float = 0.0
     last_power_watts: float = 0.0
     totals: GroupTotals = field(default_factory=GroupTotals)
+    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
+    """(seconds, joules) of the latest intervals: the current power, smoothed over
+    RECENT_SECONDS (one interval alone may be a stale read: 0 W, then twice the power)."""
+
+    def recent_watts(self) -> float:
+        seconds = joules = 0.0
+        for duration, energy in reversed(self.recent):
+            seconds += duration
+            joules += energy
+            if seconds >= RECENT_SECONDS:
+                break
+        return joules / seconds if seconds > 0 else self.last_power_watts
 
 
 class AttributionEngine:
@@ -89,12 +118,14 @@ class AttributionEngine:
         prefill_weight: float | None = None,
         weight_at: Callable[[float], float] | None = None,
         on_final: Callable[[RequestUsage], None] | None = None,
+        prior: Mapping[str, GroupPrior] | None = None,
     ) -> None:
         """groups: group name -> meter device ids (an upstream's `devices`).
         idle_power_watts: per device (a number, or per device id), or None to learn it.
         prefill_weight: a fixed prefill weight, or None to learn each group's costs.
         weight_at: a price per joule at a monotonic time (e.g. grid intensity), summed
-        alongside joules so that each interval is priced at its own time."""
+        alongside joules so that each interval is priced at its own time.
+        prior: per group, what the device says before anything is learned (prior.py)."""
         self._groups: dict[str, _Group] = {}
         for name, devices in groups.items():
             fixed = None
@@ -102,8 +133,15 @@ class AttributionEngine:
                 fixed = float(idle_power_watts) * len(devices)
             elif isinstance(idle_power_watts, Mapping):
                 fixed = sum(float(idle_power_watts.get(d, 0.0)) for d in devices)
-            cost = WorkCostLearner(fixed_prefill_weight=prefill_weight, default_prefill_weight=DEFAULT_PREFILL_WEIGHT)
-            self._groups[name] = _Group(name, tuple(devices), IdlePowerLearner(fixed_watts=fixed), cost)
+            group_prior = (prior or {}).get(name)
+            idle = IdlePowerLearner(fixed_watts=fixed, prior_watts=group_prior.idle_watts if group_prior else None)
+            model = CostModel()
+            if group_prior is not None and group_prior.board_watts is not None and group_prior.idle_watts is not None:
+                model.peak_watts = max(0.0, group_prior.board_watts - group_prior.idle_watts)
+            group = _Group(name, tuple(devices), idle, model, prefill_weight)
+            if prefill_weight is not None:
+                group.prefill_weight = prefill_weight
+            self._groups[name] = group
         self._weight_at = weight_at or (lambda t: 0.0)
         self._on_final = on_final
 
@@ -144,27 +182,62 @@ class AttributionEngine:
             )
         group.open.discard(usage)
         group.closed_since_sample.append(usage)
+        if not usage.streaming:
+            for interval in usage.pending:
+                assert isinstance(interval, _Interval)
+                self._reestimate(group, interval, usage)
 
     def provisional(self, usage: RequestUsage, now: float) -> tuple[float, float, float]:
         """(joules, weighted joules, reserved seconds) for a request that just closed,
-        before the meter has covered its end: credited shares plus the tail since the
-        last sample, estimated from the group's recent power."""
+        before the meter has covered its end: credited shares, estimates for the
+        intervals not settled yet, and the tail since the last sample predicted: the
+        group's recent dynamic power shared by the learned cost function among the work
+        done in the tail, plus its static share."""
         group = self._groups[usage.group]
         joules = usage.energy_joules
         weighted = usage.weighted_joules + usage.weighted_estimate
         reserved = usage.reserved_seconds
         if group.last_t is None:
             return joules, weighted, reserved
-        start = max(group.last_t, usage.opened_at)
+        t0 = group.last_t
         end = usage.closed_at if usage.closed_at is not None else now
-        tail = end - start
-        if tail > 0:
-            present = max(1, len(group.open) + len(group.closed_since_sample))
-            tail_joules = group.last_power_watts * tail / present
-            joules += tail_joules
-            weighted += tail_joules * self._weight_at(end)
-            reserved += tail / present
+        if end <= max(t0, usage.opened_at):
+            return joules, weighted, reserved
+        members = [u for u in group.open if u.opened_at < end] + [
+            u for u in group.closed_since_sample if u.closed_at > t0  # type: ignore[operator]
+        ]
+        if usage not in members:
+            members.append(usage)
+        spans = [(u.opened_at, u.closed_at if u.closed_at is not None else end) for u in members]
+        presence, _ = presence_shares(spans, t0, end)
+        i = members.index(usage)
+        duration = end - t0
+        idle_watts = group.idle.watts(fallback_watts=group.last_power_watts) if group.idle.current_watts() is None else group.idle.current_watts() or 0.0
+        recent_watts = group.recent_watts()
+        static = min(idle_watts, recent_watts) * presence[i]
+        prefill = group.prefill
+        tail = _Interval(
+            t0=t0,
+            t1=end,
+            dynamic_joules=max(0.0, recent_watts - idle_watts) * duration,
+            weight=0.0,
+            members=members,
+            presence=array("d", presence),
+            binned=array("d", (u.unsampled_output_tokens for u in members)),
+            estimates=array("d", bytes(8 * len(members))),
+            contexts=array("d", (self._prompt(u) + u.sampled_output_tokens for u in members)),
+            progress=ProgressSpan(t0, end, prefill.progress_at_sample, prefill.progress_tokens),
+        )
+        shares, _, _ = self._split(group, tail, settle=False)
+        tail_joules = static + shares[i]
+        joules += tail_joules
+        weighted += tail_joules * self._weight_at(end)
+        reserved += presence[i]
         return joules, weighted, reserved
+
+    @staticmethod
+    def _prompt(usage: RequestUsage) -> float:
+        return usage.prompt_tokens if usage.prompt_tokens is not None else usage.prompt_tokens_estimate
 
     # -- meter side -----------------------------------------------------------------
 
@@ -187,13 +260,16 @@ class AttributionEngine:
         energy = max(0.0, joules - group.last_joules)
         group.last_t, group.last_joules = t1, joules
         group.last_power_watts = energy / duration
+        group.recent.append((duration, energy))
         group.totals.measured_joules += energy
         weight = self._weight_at((t0 + t1) / 2)
 
         members = [u for u in group.open if u.opened_at < t1]
         members += [u for u in group.closed_since_sample if u.closed_at > t0 and u.opened_at < t1]  # type: ignore[operator]
         if not members:
-            group.idle.observe(group.last_power_watts)
+            group.idle.observe(energy, duration)
+        else:
+            group.idle.interrupt()
 
         idle_watts = group.idle.watts(fallback_watts=group.last_power_watts)
         static_joules = min(energy, idle_watts * duration)
@@ -203,7 +279,10 @@ class AttributionEngine:
         idle_joules = static_joules * idle_seconds / duration
         static_per_second = static_joules / duration
         binned = array("d")
+        contexts = array("d")
         for usage, share in zip(members, shares):
+            prompt = usage.prompt_tokens if usage.prompt_tokens is not None else usage.prompt_tokens_estimate
+            contexts.append(prompt + usage.sampled_output_tokens)
             credit = static_per_second * share
             usage.static_joules += credit
             usage.weighted_joules += credit * weight
@@ -214,7 +293,7 @@ class AttributionEngine:
             usage.unsampled_output_tokens = 0
 
         dynamic_joules = energy - static_joules
-        progress = self._prefill_progress(group, t0, t1, members, dynamic_joules)
+        progress = self._prefill_progress(group, t0, t1, members, binned, dynamic_joules)
         interval = _Interval(
             t0=t0,
             t1=t1,
@@ -224,6 +303,7 @@ class AttributionEngine:
             presence=array("d", (u.presence_seconds(t0, t1) for u in members)),
             binned=binned,
             estimates=array("d", bytes(8 * len(members))),
+            contexts=contexts,
             progress=progress,
         )
         interval.uncovered = sum(1 for u in members if u.closed_at is None or u.closed_at > t1)
@@ -247,7 +327,7 @@ class AttributionEngine:
         group.closed_since_sample = waiting
 
     def _prefill_progress(
-        self, group: _Group, t0: float, t1: float, members: list[RequestUsage], dynamic_joules: float
+        self, group: _Group, t0: float, t1: float, members: list[RequestUsage], binned: array, dynamic_joules: float
     ) -> ProgressSpan:
         """Advance the group's prefill progress over [t0, t1]: requests that showed their
         prefill done jump it, the energy not drawn by decoding measures the rest."""
@@ -264,66 +344,109 @@ class AttributionEngine:
                 # A request that made n output tokens was done prefilling some n steps before its end.
                 decoded = 0.0 if usage.streaming else (usage.output_tokens or 0) * fastest
                 prefill.done_by(usage, max(usage.opened_at, end - decoded))
-        costs = group.cost.costs()
-        if costs is None or costs.prompt_joules_per_token <= 0:
+        model = group.model
+        if group.fixed_prefill_weight is not None or not model.ready:
             processed = group.pace.pace().prefill_tokens_per_second * (t1 - t0)
         else:
-            decode_seconds = sequence_seconds = 0.0
-            for usage in members:
+            # Prompt tokens are what the model says the energy not drawn by decoding bought.
+            pace = group.pace.pace()
+            tokens_per_second = 1.0 / (pace.decode_seconds_per_token or DEFAULT_DECODE_SECONDS_PER_TOKEN)
+            sequence_seconds = output = context = 0.0
+            for usage, seen in zip(members, binned):
                 start = usage.first_token_at if usage.streaming else usage.prefill_done_at
                 if start is not None:
                     end = usage.closed_at if usage.closed_at is not None else t1
                     decoding = overlap(start, end, t0, t1)
                     sequence_seconds += decoding
-                    if decoding > decode_seconds:
-                        decode_seconds = decoding
-            decode_joules = costs.decode_joules(decode_seconds, sequence_seconds)
-            processed = max(0.0, dynamic_joules - decode_joules) / costs.prompt_joules_per_token
+                    tokens = seen if usage.streaming else decoding * tokens_per_second
+                    output += tokens
+                    context += tokens * self._context(usage, start, end, (t0 + t1) / 2)
+            duration = t1 - t0
+            rates = Rates(0.0, output / duration, context / duration, sequence_seconds / duration)
+            # Never faster than the learned prefill throughput: near saturation a small
+            # change of power inverts to a large change of prompt tokens.
+            most = pace.prefill_tokens_per_second * PREFILL_PACE_MARGIN
+            processed = min(model.prompt_rate_for(dynamic_joules / duration, rates), most) * duration
         return prefill.advance(t0, t1, processed)
 
-    def _works(self, group: _Group, interval: _Interval) -> tuple[list[float], list[float], tuple[float, float, float, float]]:
-        """Per member: prompt work and decode work (output tokens); and the interval's
-        totals of prompt and output tokens, seconds decoding, and sequence-seconds
-        decoding. With learned costs, prompt work is in joules (split_priced); before, in
-        output tokens (prefill weight x prompt tokens)."""
+    @staticmethod
+    def _context(usage: RequestUsage, decode_start: float, end: float, at: float) -> float:
+        """Tokens in the request's KV cache at `at`: its prompt and what it generated so far."""
+        prompt = usage.prompt_tokens if usage.prompt_tokens is not None else usage.prompt_tokens_estimate
+        if usage.streaming:
+            return prompt + usage.sampled_output_tokens
+        if usage.output_tokens and end > decode_start:
+            return prompt + usage.output_tokens * min(1.0, max(0.0, (at - decode_start) / (end - decode_start)))
+        return float(prompt)
+
+    def _works(self, group: _Group, interval: _Interval) -> tuple[list[tuple[float, float, float, float]], Rates]:
+        """Per member: (prompt tokens, output tokens, context tokens read, seconds in the
+        decode batch) in the interval, from what is known now; and the interval's rates."""
         pace = group.pace.pace()
         rows: list[tuple[float, float, float]] = []
-        prompt_total = output_total = sequence_seconds = decode_seconds = 0.0
+        output_total = sequence_seconds = 0.0
         for usage, binned in zip(interval.members, interval.binned):
             row = known_work(usage, interval.t0, interval.t1, binned, pace, (interval.progress.start, interval.progress.end))
             rows.append(row)
-            prompt, output, decoding = row
-            prompt_total += prompt
-            output_total += output
-            sequence_seconds += decoding
-            if decoding > decode_seconds:  # the batch decodes as one: while any member did
-                decode_seconds = decoding
-        totals = (prompt_total, output_total, decode_seconds, sequence_seconds)
-        costs = group.cost.costs()
-        price = group.cost.fallback_weight if costs is None else costs.prompt_joules_per_token
-        prompts = [price * p for p, _, _ in rows]
+            output_total += row[1]
+            sequence_seconds += row[2]
         streamed = [u.streaming for u in interval.members]
         fallback_tokens_per_second = 1.0 / (pace.decode_seconds_per_token or DEFAULT_DECODE_SECONDS_PER_TOKEN)
         decodes = decode_work(rows, streamed, output_total, sequence_seconds, fallback_tokens_per_second)
-        return prompts, decodes, totals
+        decoded = math.fsum(o for o, (_, _, d) in zip(decodes, rows) if d > 0)
+        interval.tokens_per_batch_second = decoded / sequence_seconds if sequence_seconds > 0 and decoded > 0 else fallback_tokens_per_second
+        middle = (interval.t0 + interval.t1) / 2
+        works = []
+        totals = [0.0, 0.0, 0.0, 0.0]
+        for usage, (prompt, _, decoding), output, context in zip(interval.members, rows, decodes, interval.contexts):
+            if decoding > 0 and not usage.streaming:
+                start = usage.prefill_done_at if usage.prefill_done_at is not None else usage.opened_at
+                end = usage.closed_at if usage.closed_at is not None else interval.t1
+                context = self._context(usage, start, end, middle)
+            work = (prompt, output, output * context if decoding > 0 else 0.0, decoding)
+            works.append(work)
+            for k in range(4):
+                totals[k] += work[k]
+        duration = interval.t1 - interval.t0
+        return works, Rates(totals[0] / duration, totals[1] / duration, totals[2] / duration, totals[3] / duration)
 
-    def _split(
-        self, group: _Group, interval: _Interval, settle: bool
-    ) -> tuple[list[float], float, tuple[float, float, float, float]]:
-        prompts, decodes, totals = self._works(group, interval)
-        if group.cost.costs() is None:
-            works = [p + d for p, d in zip(prompts, decodes)]
-            return (*split_dynamic(interval.dynamic_joules, works, interval.presence), totals)
-        shares, idle = split_priced(interval.dynamic_joules, prompts, decodes, interval.presence)
-        prompt_total, output_total = totals[0], totals[1]
-        if settle and prompt_total > 0 and output_total > 0:
-            # The interval's prefill weight, for metrics: joules per prompt token paid over
-            # joules per output token left.
-            prefill_joules = min(interval.dynamic_joules, sum(prompts))
-            decode_joules = interval.dynamic_joules - prefill_joules
-            if decode_joules > 0:
-                group.cost.last_weight = (prefill_joules / prompt_total) / (decode_joules / output_total)
-        return shares, idle, totals
+    def _priced(self, group: _Group, interval: _Interval, works: list[tuple[float, float, float, float]], rates: Rates) -> tuple[list[float], list[float], bool]:
+        """Each member's prompt and decode work in joules at the interval's Aumann-Shapley
+        prices on the learned cost function (costmodel.py); before it is learned (or with
+        a configured prefill weight), in weighted tokens to be split proportionally."""
+        model = group.model
+        if group.fixed_prefill_weight is not None or not model.ready:
+            return [group.prefill_weight * w[0] for w in works], [w[1] for w in works], True
+        prices = model.prices(rates)
+        interval.prices = prices
+        prompts = [prices.joules(prompt, 0.0, 0.0, 0.0) for prompt, _, _, _ in works]
+        decodes = [prices.joules(0.0, output, context, decoding) for _, output, context, decoding in works]
+        # Work that no learned term prices (an image's work units, output the model gives
+        # no price): at the interval's mean price per output unit, or by units alone.
+        priced_output = sum(w[1] for w, d in zip(works, decodes) if d > 0)
+        per_unit = sum(decodes) / priced_output if priced_output > 0 else 1.0
+        decodes = [d if d > 0 else w[1] * per_unit for w, d in zip(works, decodes)]
+        return prompts, decodes, False
+
+    def _split(self, group: _Group, interval: _Interval, settle: bool) -> tuple[list[float], float, Rates]:
+        """The interval's dynamic joules per member. Prompts are paid their price and the
+        decode work shares the rest (split_priced): a prompt the proxy placed in a
+        neighbouring interval, or an interval whose counter read came stale, then does not
+        take that interval's level."""
+        works, rates = self._works(group, interval)
+        prompts, decodes, proportional = self._priced(group, interval, works, rates)
+        interval.priced_prompt = prompts
+        interval.priced_decode = decodes
+        if proportional:
+            weighted = [p + d for p, d in zip(prompts, decodes)]
+            return (*split_dynamic(interval.dynamic_joules, weighted, interval.presence), rates)
+        if settle and interval.prices is not None and rates.prompt_per_second > 0 and rates.output_per_second > 0:
+            # For metrics: a prompt token's price over an output token's, all included.
+            prices = interval.prices
+            per_output = prices.joules(0.0, rates.output_per_second, rates.context_per_second, rates.batch) / rates.output_per_second
+            if per_output > 0:
+                group.prefill_weight = prices.prompt / per_output
+        return (*split_priced(interval.dynamic_joules, prompts, decodes, interval.presence), rates)
 
     def _estimate(self, group: _Group, interval: _Interval) -> None:
         shares, _, _ = self._split(group, interval, settle=False)
@@ -332,9 +455,45 @@ class AttributionEngine:
             usage.dynamic_joules_estimate += share
             usage.weighted_estimate += share * interval.weight
 
+    def _reestimate(self, group: _Group, interval: _Interval, usage: RequestUsage) -> None:
+        """A non-streamed request closed: its work in an unsettled interval is known now
+        (it was not while it ran). Re-price its own share against the interval's totals;
+        O(1), the other members keep their estimates until the interval settles."""
+        try:
+            i = interval.members.index(usage)
+        except ValueError:
+            return
+        pace = group.pace.pace()
+        prompt, _, decoding = known_work(usage, interval.t0, interval.t1, 0.0, pace, (interval.progress.start, interval.progress.end))
+        prices = interval.prices
+        old_prompt, old_decode = interval.priced_prompt[i], interval.priced_decode[i]
+        if prices is None:
+            new_prompt = group.prefill_weight * prompt
+            new_decode = decoding * interval.tokens_per_batch_second
+        else:
+            start = usage.prefill_done_at if usage.prefill_done_at is not None else usage.opened_at
+            context = self._context(usage, start, usage.closed_at or interval.t1, (interval.t0 + interval.t1) / 2)
+            output = decoding * interval.tokens_per_batch_second
+            new_prompt = prices.joules(prompt, 0.0, 0.0, 0.0)
+            new_decode = prices.joules(0.0, output, output * context, decoding)
+        prompts = sum(interval.priced_prompt) - old_prompt + new_prompt
+        decodes = sum(interval.priced_decode) - old_decode + new_decode
+        dynamic = interval.dynamic_joules
+        if prices is None or prompts <= 0 or decodes <= 0:
+            total = prompts + decodes
+            share = dynamic * (new_prompt + new_decode) / total if total > 0 else 0.0
+        else:
+            scale = min(1.0, dynamic / prompts)
+            share = new_prompt * scale + new_decode * (dynamic - prompts * scale) / decodes
+        interval.priced_prompt[i], interval.priced_decode[i] = new_prompt, new_decode
+        delta = share - interval.estimates[i]
+        interval.estimates[i] = share
+        usage.dynamic_joules_estimate += delta
+        usage.weighted_estimate += delta * interval.weight
+
     def _settle(self, group: _Group, interval: _Interval) -> float:
         """Split the interval's dynamic energy with exact work; returns joules to idle."""
-        shares, idle_joules, totals = self._split(group, interval, settle=True)
+        shares, idle_joules, rates = self._split(group, interval, settle=True)
         for i, (usage, share) in enumerate(zip(interval.members, shares)):
             estimate = interval.estimates[i]
             usage.dynamic_joules_estimate -= estimate
@@ -342,7 +501,8 @@ class AttributionEngine:
             usage.dynamic_joules_final += share
             usage.weighted_joules += share * interval.weight
             group.totals.attributed_joules += share
-        group.cost.observe(interval.t1 - interval.t0, interval.dynamic_joules, *totals)
+        if group.fixed_prefill_weight is None:
+            group.model.observe(interval.t1 - interval.t0, interval.dynamic_joules, rates)
         return idle_joules
 
     def _covered(self, group: _Group, usage: RequestUsage, t1: float) -> None:
@@ -371,6 +531,46 @@ class AttributionEngine:
             except Exception:
                 log.exception("final-figure callback failed")
 
+    def save_state(self) -> dict[str, dict[str, Any]]:
+        """What each group learned (idle power, cost model, paces), as JSON-able data."""
+        return {
+            name: {
+                "version": STATE_VERSION,
+                "idle_watts": group.idle.state(),
+                "cost_model": group.model.state(),
+                "pace": group.pace.state(),
+                "prefill_weight": group.prefill_weight,
+            }
+            for name, group in self._groups.items()
+        }
+
+    def load_state(self, states: Mapping[str, Any]) -> list[str]:
+        """Restore what was learned (save_state's output, e.g. from before a restart);
+        returns the groups restored. A group's state that does not fit this version is
+        skipped: it is learned again, never half-loaded."""
+        restored = []
+        for name, state in states.items():
+            group = self._groups.get(name)
+            if group is None or not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+                continue
+            try:
+                model = CostModel()
+                if not model.load(state["cost_model"]):
+                    continue
+                idle = [float(w) for w in state["idle_watts"]]
+                pace = {k: [float(v) for v in state["pace"][k]] for k in ("prefill_rates", "token_gaps")}
+                weight = float(state["prefill_weight"])
+            except (KeyError, TypeError, ValueError):
+                log.warning("learned attribution state of %r is unreadable; learning it again", name)
+                continue
+            group.model = model
+            group.idle.load(idle)
+            group.pace.load(pace)
+            if group.fixed_prefill_weight is None:
+                group.prefill_weight = weight
+            restored.append(name)
+        return restored
+
     # -- introspection --------------------------------------------------------------
 
     def totals(self) -> dict[str, GroupTotals]:
@@ -382,17 +582,23 @@ class AttributionEngine:
     def group_devices(self, group: str) -> tuple[str, ...]:
         return self._groups[group].devices
 
+    def last_sample_seconds(self, group: str) -> float:
+        """When the group's latest meter sample was taken (-inf before the first)."""
+        last = self._groups[group].last_t
+        return last if last is not None else float("-inf")
+
     def last_power_watts(self, group: str) -> float:
         return self._groups[group].last_power_watts
 
     @property
     def prefill_weight(self) -> float:
         """The latest interval's prefill weight, the largest over groups (one gauge)."""
-        return max((g.cost.prefill_weight for g in self._groups.values()), default=DEFAULT_PREFILL_WEIGHT)
+        return max((g.prefill_weight for g in self._groups.values()), default=DEFAULT_PREFILL_WEIGHT)
 
     def costs_learned(self, group: str) -> bool:
         """Whether the group's cost model is fitted (else the prefill weight rules)."""
-        return self._groups[group].cost.costs() is not None
+        g = self._groups[group]
+        return g.fixed_prefill_weight is None and g.model.ready
 
     def in_flight(self, group: str) -> int:
         return len(self._groups[group].open)

@@ -84,6 +84,10 @@ def known_work(
     units = 0.0
     if usage.work_units is not None:
         units = _spread(usage.work_units, usage.opened_at, end, t0, t1)
+    if usage.streaming and usage.first_token_at is None and usage.closed_at is None and usage.queue_to_tokens > usage.queue_from_tokens:
+        # Still waiting for its first token: its prompt is where the group's prefill
+        # progress says (as for a non-streamed request), not all in this interval.
+        return queued_prompt_in(usage, progress[0], progress[1], prompt), units, 0.0
     if usage.streaming:
         prefill_end = usage.first_token_at if usage.first_token_at is not None else end
         # Time to first token is queueing, then prefill: the prefill is its last part.

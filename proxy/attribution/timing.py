@@ -50,6 +50,14 @@ class PaceLearner:
             self._token_gaps.append((last_token_at - first_token_at) / (output_tokens - 1))
             self._cached = None
 
+    def state(self) -> dict[str, list[float]]:
+        return {"prefill_rates": list(self._prefill_rates), "token_gaps": list(self._token_gaps)}
+
+    def load(self, state: dict[str, list[float]]) -> None:
+        self._prefill_rates.extend(float(v) for v in state.get("prefill_rates", []) if v > 0)
+        self._token_gaps.extend(float(v) for v in state.get("token_gaps", []) if v > 0)
+        self._cached = None
+
     def pace(self) -> Pace:
         if self._cached is None:
             prefill = self._default_prefill

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 import signal
 import sys
 
 from proxy.sim.config import SimModelConfig
 from proxy.sim.gpu import SimGpu
+from proxy.sim.physics import PHYSICS_NAMES, draw_physics
 from proxy.sim.server import run_sim_server
 
 
@@ -34,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--refresh-seconds", type=float, default=0.1,
                         help="energy counter refresh period, as NVML (0: exact)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--physics", choices=PHYSICS_NAMES, default=None,
+                        help="a ground-truth physics of proxy.sim.physics, parameters drawn from --seed "
+                             "(default: the built-in additive power model)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -54,6 +59,9 @@ async def serve(args: argparse.Namespace) -> None:
         max_power_watts=args.max_watts,
         refresh_seconds=args.refresh_seconds,
         seed=args.seed,
+        physics=None if args.physics is None else draw_physics(
+            args.physics, random.Random(args.seed), idle_watts=args.idle_watts, board_watts=args.max_watts
+        ),
     )
     server = await run_sim_server(args.host, args.port, config, gpu)
     logging.getLogger("proxy.sim").info("sim model server on %s (model %s)", server.url, config.model)

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Protocol
 
 from proxy.sim.config import SimModelConfig
 from proxy.sim.gpu import SimGpu
+from proxy.sim.physics import StepWork
 from proxy.sim.text import WordStream, detokenize
 
 
@@ -102,6 +103,9 @@ class BatchEngine:
         self._step_prefill: list[tuple[SimSequence, int]] = []
         self.steps = 0
         self.tokens_generated = 0
+        self.prompt_tokens_processed = 0
+        """Prompt tokens prefilled so far, counted as each step ends (vLLM's
+        vllm:prompt_tokens_total; tokens_generated is vllm:generation_tokens_total)."""
 
     # -- membership -----------------------------------------------------------------------
 
@@ -184,7 +188,17 @@ class BatchEngine:
         duration += prefill_tokens * config.prefill_seconds_per_token
         duration = max(duration, 1e-6)  # a step always takes some time
         self._step_prefill = chunks
-        if prefill_tokens:
+        physics = self.gpu.physics
+        if physics is not None:
+            work = StepWork(
+                {s.request_id: take for s, take in chunks if take},
+                {s.request_id: s.prompt_tokens + s.generated_tokens for s in self._decoding if s.phase is Phase.DECODE},
+                duration,
+            )
+            cost = physics.step(work, len(self.gpu.device_ids))
+            duration = max(cost.seconds, 1e-6)
+            self.gpu.set_step_watts({rid: j / duration for rid, j in cost.joules_by_request.items()}, now)
+        elif prefill_tokens:
             self.gpu.set_prefill_rates({s.request_id: take / duration for s, take in chunks if take}, now)
         self.steps += 1
         return duration
@@ -211,6 +225,7 @@ class BatchEngine:
             if seq.phase is not Phase.PREFILL:
                 continue
             seq.prefilled_tokens += take
+            self.prompt_tokens_processed += take
             if seq.prefilled_tokens < seq.prompt_tokens:
                 continue
             self._prefilling.remove(seq)
@@ -227,6 +242,11 @@ class BatchEngine:
                 survivors.append(seq)
                 joined.append(seq.request_id)
         self._decoding = survivors
+        if self.gpu.physics is not None:
+            self._step_prefill = []
+            self.gpu.set_step_watts({}, now)  # the next step sets its own
+            self.tokens_generated += emitted
+            return
         if self._step_prefill:
             self._step_prefill = []
             self.gpu.set_prefill_rates({}, now)

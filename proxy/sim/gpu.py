@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+from proxy.sim.physics import Physics
 from proxy.sim.power import PowerModel
 
 Clock = Callable[[], float]
@@ -65,6 +66,7 @@ class SimGpu:
         seed: int = 0,
         counter_offset_joules: float = 0.0,
         model_name: str = "NVIDIA H100 80GB HBM3",
+        physics: Physics | None = None,
     ) -> None:
         if not device_ids:
             raise ValueError("a SimGpu needs at least one device id")
@@ -78,6 +80,9 @@ class SimGpu:
         self.idle_power_watts = float(idle_power_watts)
         self.max_power_watts = float(max_power_watts)
         self.power_model = power_model or PowerModel()
+        self.physics = physics
+        """A step physics (proxy.sim.physics): the batching engine then hands over each step's
+        energy per request (set_step_watts) instead of prefill rates and a decode batch."""
         self.model_name = model_name
         self.refresh_seconds = float(refresh_seconds)
         self.noise_fraction = float(noise_fraction)
@@ -247,6 +252,15 @@ class SimGpu:
             watts[request_id] = watts_per_device(rate) * self._devices
         self._prefilling = {rid for rid, rate in tokens_per_second_by_request.items() if rate > 0}
         self.set_own_watts(watts, now)
+
+    def set_step_watts(self, watts_by_request: dict[str, float], now: float | None = None) -> None:
+        """A step physics' dynamic watts per request for the coming step (replaces the
+        previous step's; an empty dict ends it)."""
+        self._advance(now)
+        self._own_watts_nominal = {rid: float(w) for rid, w in watts_by_request.items() if w > 0}
+        for request_id in self._own_watts_nominal:
+            self._entry(request_id)
+        self._recompute_load()
 
     def set_diffusion(self, request_id: str, megapixels: float, now: float | None = None) -> None:
         """A request denoises `megapixels` at once (0 when it stops)."""

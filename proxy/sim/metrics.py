@@ -1,4 +1,5 @@
-"""GET /metrics (the SimGpu as a DCGM exporter shows it), /health, and the sim's own /sim/*.
+"""GET /metrics (the SimGpu as a DCGM exporter shows it, and the server's own counters as
+vLLM names them), /health, and the sim's own /sim/*.
 
 /metrics is what the proxy's `scrape` meter reads in Kubernetes-style setups:
 `DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION` is a counter in millijoules (integer, refreshed
@@ -13,6 +14,7 @@ import socket
 
 from aiohttp import web
 
+from proxy.sim.engine import BatchEngine
 from proxy.sim.gpu import SimGpu
 from proxy.sim.state import SIM_STATE
 
@@ -46,8 +48,29 @@ def dcgm_exposition(gpu: SimGpu) -> str:
     return "\n".join(lines) + "\n"
 
 
+def vllm_exposition(engine: BatchEngine, model: str) -> str:
+    """The server's own counters as vLLM's /metrics names them: where prefill and decode
+    work happened in time, for a proxy that reads them (issue 12 item 7)."""
+    label = model.replace("\\", "\\\\").replace('"', '\\"')
+    return "\n".join([
+        "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
+        "# TYPE vllm:prompt_tokens_total counter",
+        f'vllm:prompt_tokens_total{{model_name="{label}"}} {engine.prompt_tokens_processed}',
+        "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+        "# TYPE vllm:generation_tokens_total counter",
+        f'vllm:generation_tokens_total{{model_name="{label}"}} {engine.tokens_generated}',
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+        "# TYPE vllm:num_requests_running gauge",
+        f'vllm:num_requests_running{{model_name="{label}"}} {engine.running_count}',
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+        "# TYPE vllm:num_requests_waiting gauge",
+        f'vllm:num_requests_waiting{{model_name="{label}"}} {engine.waiting_count}',
+    ]) + "\n"  # fmt: skip
+
+
 async def metrics(request: web.Request) -> web.StreamResponse:
-    text = dcgm_exposition(request.app[SIM_STATE].gpu)
+    state = request.app[SIM_STATE]
+    text = dcgm_exposition(state.gpu) + vllm_exposition(state.scheduler.engine, state.config.model)
     return web.Response(text=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

@@ -18,6 +18,7 @@ from typing import Iterable
 
 from proxy.sim.clock import VirtualClock
 from proxy.sim.config import SimModelConfig
+from proxy.sim.counter import CounterSpec, RealisticCounter
 from proxy.sim.engine import BatchEngine, SimSequence
 from proxy.sim.gpu import RequestEnergy, SimGpu
 
@@ -49,6 +50,9 @@ class VirtualRun:
     """Counter readings (timestamp the counter refreshed, joules per device) every period."""
     energy_joules: float
     idle_joules: float
+    server: list[tuple[float, int, int, int]] = field(default_factory=list)
+    """The server's own metrics at each poll: (time, prompt tokens processed, tokens
+    generated, requests running), as vLLM's /metrics shows them."""
 
 
 class _Recorder:
@@ -73,8 +77,14 @@ def run_virtual(
     *,
     sample_interval_seconds: float = 0.1,
     tail_seconds: float = 1.0,
+    counter: CounterSpec | None = None,
+    counter_seed: int = 0,
 ) -> VirtualRun:
-    """Serve every request (arrive, queue, prefill, decode, depart) and record it all."""
+    """Serve every request (arrive, queue, prefill, decode, depart) and record it all.
+
+    With `counter`, samples are what a realistic counter shows at each poll (jittered
+    refresh, noise, stale reads, stamped at the poll that saw a change: counter.py);
+    without, the SimGpu's own counter (refresh_seconds, exact)."""
     if gpu.now() != clock():
         raise ValueError("the SimGpu must run on the VirtualClock given here")
     if sample_interval_seconds <= 0:
@@ -85,10 +95,15 @@ def run_virtual(
     engine = BatchEngine(config, gpu)
     traces: list[VirtualTrace] = []
     samples: list[tuple[float, dict[str, float]]] = []
+    server: list[tuple[float, int, int, int]] = []
     # Events: (time, order, kind, payload); kinds run in this order at equal times.
     events: list[tuple[float, int, int, object]] = []
     order = 0
-    arrive, step_end, sample = 0, 1, 2
+    arrive, step_end, refresh, sample = 0, 1, 2, 3
+    realistic = RealisticCounter(gpu, counter, counter_seed) if counter is not None else None
+    if realistic is not None:
+        heapq.heappush(events, (realistic.next_refresh_seconds, order, refresh, None))
+        order += 1
     for request in pending:
         heapq.heappush(events, (request.arrival_seconds, order, arrive, request))
         order += 1
@@ -120,8 +135,13 @@ def run_virtual(
             engine.finish_step(at)
             stepping = False
             done_at = at
+        elif kind == refresh:
+            assert realistic is not None
+            realistic.refresh(at)
+            heapq.heappush(events, (realistic.next_refresh_seconds, order, refresh, None))
         else:
-            samples.append(gpu.counter_sample(at))
+            samples.append(gpu.counter_sample(at) if realistic is None else realistic.read(at))
+            server.append((at, engine.prompt_tokens_processed, engine.tokens_generated, engine.running_count))
             heapq.heappush(events, (at + sample_interval_seconds, order, sample, None))
         order += 1
         if not stepping:
@@ -133,4 +153,4 @@ def run_virtual(
     now = clock()
     for trace in traces:
         trace.ground_truth = gpu.ground_truth(trace.request_id, now)
-    return VirtualRun(traces, samples, gpu.energy_joules(now), gpu.idle_joules_at(now))
+    return VirtualRun(traces, samples, gpu.energy_joules(now), gpu.idle_joules_at(now), server)

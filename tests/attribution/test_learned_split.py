@@ -9,16 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.attribution import AttributionEngine
-from proxy.attribution.learning import WorkCosts
+from proxy.attribution.costmodel import MIN_BLOCKS, Fit
 from proxy.meters.base import EnergySample
 
-COSTS = WorkCosts(prompt_joules_per_token=0.1, fixed_watts=0.0, batch_watts=50.0, batch_exponent=0.5)
+PROMPT_JOULES_PER_TOKEN = 0.1
+# Separable: 0.1 J per prompt token (100 W per 1000 tokens/s), decode 50 W x sqrt(batch).
+COSTS = Fit(theta=(100.0, 0.0, 0.0, 50.0, 0.0, 0.0), saturation_watts=math.inf)
 
 
 def learned_engine(groups: dict[str, list[str]], idle: float | None = 50.0) -> AttributionEngine:
     engine = AttributionEngine(groups, idle_power_watts=idle)
     for name in groups:
-        engine._groups[name].cost._costs = COSTS  # as if fitted: the learned path
+        engine._groups[name].model.set_prior(COSTS, MIN_BLOCKS)  # as if fitted: the learned path
     return engine
 
 
@@ -147,4 +149,4 @@ def test_images_split_by_work_units_and_embeddings_do_not_decode() -> None:
     assert all(u.final for u in (small, large, embedding, chat))
     # Images by their work units; the embedding pays its prompt only.
     assert math.isclose(large.dynamic_joules_final, 4 * small.dynamic_joules_final)
-    assert math.isclose(embedding.dynamic_joules_final, 100 * COSTS.prompt_joules_per_token)
+    assert math.isclose(embedding.dynamic_joules_final, 100 * PROMPT_JOULES_PER_TOKEN)

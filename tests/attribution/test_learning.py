@@ -1,13 +1,17 @@
-"""What the engine learns online: the cost of work, paces from streams, prefill progress."""
+"""What the engine learns online: the cost function and its AS prices, idle power, paces
+from streams, prefill progress."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from typing import Callable
 
 import pytest
 
-from proxy.attribution.learning import WorkCostLearner, WorkCosts, nnls
+from proxy.attribution.costmodel import CostModel, Fit, Rates, nnls
+from proxy.attribution.learning import IdlePowerLearner
 from proxy.attribution.prefill import PrefillProgress, queued_prompt_in
 from proxy.attribution.split import split_priced
 from proxy.attribution.timing import PaceLearner
@@ -23,42 +27,91 @@ def test_nnls_keeps_coefficients_non_negative() -> None:
     assert theta[1] == 0.0 and theta[0] > 0
 
 
-def _interval(rng: random.Random, costs: WorkCosts, noise: float, i: int = 0) -> tuple[float, float, float, float, float]:
-    """(dynamic joules, prompt tokens, output tokens, decode seconds, sequence-seconds) of
-    the i-th 0.1 s interval of a load that swings slowly (as traffic does), from known costs."""
-    load = 0.5 + 0.5 * math.sin(i / 150)
-    batch = max(0, round(rng.gauss(64 * load, 4)))
-    prompt = rng.uniform(0, 500) if rng.random() < load else 0.0
-    decode_seconds = 0.1 if batch else 0.0
-    sequence_seconds = 0.1 * batch
-    joules = costs.prompt_joules_per_token * prompt + costs.decode_joules(decode_seconds, sequence_seconds)
-    return joules * rng.gauss(1.0, noise), prompt, 5.0 * batch, decode_seconds, sequence_seconds
+def _interval(rng: random.Random, i: int, power: Callable[[Rates], float]) -> tuple[float, Rates]:
+    """(dynamic joules, rates) of the i-th 0.05 s interval of a load that swings slowly
+    (as traffic does), with prompts in bursts."""
+    load = 0.5 + 0.5 * math.sin(i / 300)
+    batch = max(0.0, rng.gauss(40 * load, 3))
+    prompt = rng.uniform(500, 5000) if rng.random() < 0.3 * load else 0.0
+    rates = Rates(prompt, 45.0 * batch, 45.0 * batch * 1500, batch)
+    return power(rates) * 0.05 * rng.gauss(1.0, 0.02), rates
 
 
-def test_work_costs_are_learned_from_intervals() -> None:
-    truth = WorkCosts(prompt_joules_per_token=0.1, fixed_watts=20.0, batch_watts=50.0, batch_exponent=0.5)
-    learner = WorkCostLearner(fixed_prefill_weight=None, default_prefill_weight=0.1)
+def _learn(power: Callable[[Rates], float]) -> CostModel:
+    model = CostModel()
     rng = random.Random(7)
-    assert learner.costs() is None  # nothing seen: the prefill weight rules
-    for i in range(3000):
-        joules, prompt, output, decoding, sequences = _interval(rng, truth, 0.05, i)
-        learner.observe(0.1, joules, prompt, output, decoding, sequences)
-    costs = learner.costs()
-    assert costs is not None
-    assert costs.prompt_joules_per_token == pytest.approx(0.1, rel=0.05)
-    for batch in (1, 8, 64):  # decode power at any batch size, whatever the split of it
-        expected = truth.decode_joules(1.0, float(batch))
-        assert costs.decode_joules(1.0, float(batch)) == pytest.approx(expected, rel=0.1)
-    assert learner.joules_per_output_token is not None and learner.joules_per_output_token > 0
+    for i in range(12000):  # ten minutes of 50 ms intervals
+        joules, rates = _interval(rng, i, power)
+        model.observe(0.05, joules, rates)
+    assert model.ready
+    return model
 
 
-def test_configured_prefill_weight_is_never_replaced() -> None:
-    learner = WorkCostLearner(fixed_prefill_weight=0.3, default_prefill_weight=0.1)
-    rng = random.Random(1)
-    truth = WorkCosts(0.1, 0.0, 50.0, 0.5)
-    for i in range(1000):
-        learner.observe(0.1, *_interval(rng, truth, 0.0, i))
-    assert learner.costs() is None and learner.fallback_weight == 0.3
+def test_separable_costs_are_learned_and_priced_by_their_own_terms() -> None:
+    # 0.05 J per prompt token; decode 30 W x batch ** 0.5: a prompt pays 0.05 J, the
+    # batch's power is shared by its sequences (AS of a separable sum).
+    model = _learn(lambda r: 0.05 * r.prompt_per_second + 30.0 * math.sqrt(r.batch))
+    assert model.fit is not None and math.isinf(model.fit.saturation_watts)
+    at = Rates(2000.0, 45.0 * 20, 45.0 * 20 * 1500, 20.0)
+    prices = model.prices(at)
+    assert prices.prompt == pytest.approx(0.05, rel=0.05)
+    decode_watts = prices.joules(0.0, at.output_per_second, at.context_per_second, at.batch)
+    assert decode_watts == pytest.approx(30.0 * math.sqrt(20.0), rel=0.05)
+
+
+def test_saturating_curve_prices_every_unit_of_work_alike() -> None:
+    # One curve of total work (prompt tokens weigh 0.2 of an output token): AS gives
+    # every unit the same price, so a prompt token costs 0.2 of an output token.
+    def curve(r: Rates) -> float:
+        units = 0.2 * r.prompt_per_second + r.output_per_second
+        return 800.0 * -math.expm1(units / 800.0 * -1.0)
+
+    model = _learn(curve)
+    assert model.fit is not None and not math.isinf(model.fit.saturation_watts)
+    at = Rates(2000.0, 45.0 * 20, 45.0 * 20 * 1500, 20.0)
+    prices = model.prices(at)
+    per_output = prices.joules(0.0, at.output_per_second, at.context_per_second, at.batch) / at.output_per_second
+    assert prices.prompt / per_output == pytest.approx(0.2, rel=0.15)
+
+
+def test_aumann_shapley_prices_add_up_to_the_power() -> None:
+    for s in (math.inf, 400.0, -400.0):
+        fit = Fit((80.0, 200.0, 30.0, 25.0, 3.0, 10.0), s)
+        at = Rates(3000.0, 1200.0, 2.5e6, 25.0)
+        prices = fit.prices(at)
+        total = prices.joules(at.prompt_per_second, at.output_per_second, at.context_per_second, at.batch)
+        if math.isinf(s):
+            assert total == pytest.approx(fit.power_watts(at), rel=1e-9)
+        else:  # the quartic-root term is the separable candidate's only (masked here)
+            masked = Fit(fit.theta[:5] + (0.0,), s)
+            prices = masked.prices(at)
+            total = prices.joules(at.prompt_per_second, at.output_per_second, at.context_per_second, at.batch)
+            assert total == pytest.approx(masked.power_watts(at), rel=1e-3)
+
+
+def test_cost_model_state_round_trips() -> None:
+    model = _learn(lambda r: 0.05 * r.prompt_per_second + 30.0 * math.sqrt(r.batch))
+    restored = CostModel()
+    assert restored.load(json.loads(json.dumps(model.state())))
+    assert restored.fit == model.fit and restored.blocks == model.blocks and restored.ready
+    at = Rates(1000.0, 500.0, 1e6, 10.0)
+    assert restored.prices(at) == model.prices(at)
+    assert not CostModel().load({"terms": ["other"]})  # another layout: ignored, not half-loaded
+
+
+def test_idle_power_is_robust_to_stale_reads_and_noise() -> None:
+    learner = IdlePowerLearner()
+    rng = random.Random(3)
+    pending = 0.0
+    for _ in range(400):  # 20 s of 50 ms intervals at 70 W, noisy, some reads stale
+        pending += 70.0 * 0.05 * rng.gauss(1.0, 0.03)
+        if rng.random() < 0.1:
+            learner.observe(0.0, 0.05)  # stale: no energy now, twice as much next time
+            continue
+        learner.observe(pending, 0.05)
+        pending = 0.0
+    assert learner.current_watts() == pytest.approx(70.0, rel=0.02)
+    assert IdlePowerLearner(prior_watts=65.0).current_watts() == 65.0  # a device prior before any data
 
 
 def test_pace_from_streams() -> None:

@@ -1,0 +1,90 @@
+"""The engine's split on scripted schedules against the convention's exact answer
+(DESIGN.md section 5), where one exists: a single request, a linear cost, a separable
+one. The truth is the sim's (proxy.sim.physics), the engine sees only the wire and the
+counter, with the cost function it would have learned."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from proxy.attribution import AttributionEngine
+from proxy.attribution.costmodel import MIN_BLOCKS, Fit
+from proxy.meters.base import EnergySample
+from proxy.sim import SimGpu, SimModelConfig, VirtualClock
+from proxy.sim.physics import AdditivePhysics, CurvePhysics
+from proxy.sim.virtual import VirtualRequest, VirtualRun, run_virtual
+
+IDLE_WATTS = 60.0
+
+
+def _replay(run: VirtualRun, fit: Fit | None, streaming: bool = True) -> dict[str, float]:
+    engine = AttributionEngine({"g": ["0"]}, idle_power_watts=IDLE_WATTS)
+    group = engine._groups["g"]
+    if fit is not None:
+        group.model.set_prior(fit, MIN_BLOCKS)
+    # The paces it would have learned from streams: prefill throughput, time per token.
+    rates = [t.prompt_tokens / (t.token_seconds[0] - t.arrival_seconds) for t in run.traces if t.prompt_tokens > 100]
+    gaps = [(t.token_seconds[-1] - t.token_seconds[0]) / (len(t.token_seconds) - 1) for t in run.traces]
+    group.pace.load({"prefill_rates": rates * 20, "token_gaps": gaps * 20})
+    events: list[tuple[float, int, object]] = []
+    for trace in run.traces:
+        events.append((trace.arrival_seconds, 0, ("open", trace)))
+        if streaming:
+            events += [(at, 1, ("tick", trace)) for at in trace.token_seconds]
+        events.append((trace.finished_seconds, 2, ("close", trace)))
+    events += [(t, 3, ("sample", joules)) for t, joules in run.samples]
+    usages = {}
+    for at, _, (action, payload) in sorted(events, key=lambda e: (e[0], e[1])):  # type: ignore[misc]
+        if action == "sample":
+            engine.on_sample(EnergySample(at, payload))  # type: ignore[arg-type]
+        elif action == "open":
+            usages[payload.request_id] = engine.open("g", at, streaming=streaming, prompt_tokens_estimate=payload.prompt_tokens)  # type: ignore[attr-defined]
+        elif action == "tick":
+            usages[payload.request_id].tick(1, at)  # type: ignore[attr-defined]
+        else:
+            engine.close(usages[payload.request_id], at, prompt_tokens=payload.prompt_tokens, output_tokens=payload.output_tokens)  # type: ignore[attr-defined]
+    assert all(u.final for u in usages.values())
+    return {rid: u.energy_joules for rid, u in usages.items()}
+
+
+def _run(physics: object, requests: list[VirtualRequest]) -> VirtualRun:
+    clock = VirtualClock()
+    gpu = SimGpu(clock=clock, idle_power_watts=IDLE_WATTS, max_power_watts=2000.0, physics=physics)  # type: ignore[arg-type]
+    # Chunked prefill at 5,000 prompt tokens/s, the engine's default pace before it learns one.
+    config = SimModelConfig(prefill_seconds_per_token=0.0002, max_prefill_tokens_per_step=100)
+    return run_virtual(requests, config, gpu, clock, sample_interval_seconds=0.01)
+
+
+def _truth(run: VirtualRun) -> dict[str, float]:
+    return {t.request_id: t.ground_truth.total_joules for t in run.traces}
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_single_request_gets_everything_it_caused(streaming: bool) -> None:
+    physics = CurvePhysics(prefill_weight=0.2, joules_per_unit_at_low_load=1.5, saturation_watts=400.0)
+    run = _run(physics, [VirtualRequest("a", 0.5, 800, 120)])
+    attributed, truth = _replay(run, None, streaming), _truth(run)
+    assert attributed["a"] == pytest.approx(truth["a"], rel=0.01)
+
+
+def test_linear_cost_splits_by_weighted_work() -> None:
+    # Power linear in total work (a curve far from saturation): every unit the same price,
+    # a prompt token 0.2 of an output token; learned as such, the split is by work.
+    physics = CurvePhysics(prefill_weight=0.2, joules_per_unit_at_low_load=1.0, saturation_watts=1e7)
+    run = _run(physics, [VirtualRequest("a", 0.2, 50, 300), VirtualRequest("b", 1.0, 2000, 100), VirtualRequest("c", 1.5, 10, 200)])
+    fit = Fit((200.0, 1000.0, 0.0, 0.0, 0.0, 0.0), math.inf)  # W per 1000 prompt / output tokens/s
+    attributed, truth = _replay(run, fit), _truth(run)
+    for rid, joules in truth.items():
+        assert attributed[rid] == pytest.approx(joules, rel=0.01), rid
+
+
+def test_separable_cost_pays_prompts_their_price_and_shares_the_batch() -> None:
+    # Prefill 0.05 J per prompt token + decode 40 W x sqrt(batch), shared by the batch.
+    physics = AdditivePhysics(prefill_joules_per_token=0.05, decode_watts_at_batch_1=40.0, decode_batch_exponent=0.5)
+    run = _run(physics, [VirtualRequest("a", 0.2, 20, 400), VirtualRequest("b", 1.0, 3000, 150), VirtualRequest("c", 2.0, 500, 250)])
+    fit = Fit((50.0, 0.0, 0.0, 40.0, 0.0, 0.0), math.inf)
+    attributed, truth = _replay(run, fit), _truth(run)
+    for rid, joules in truth.items():
+        assert attributed[rid] == pytest.approx(joules, rel=0.01), rid
