@@ -21,6 +21,7 @@ from proxy.dialects.base import DEFAULT_MAX_EVENT_BYTES
 from proxy.dialects.native import read_tgi_headers
 from proxy.forward import BodyMode
 from proxy.receipts.model import Receipt
+from proxy.routing.header import RouteDecision
 
 log = logging.getLogger("carbon_proxy.exchange")
 
@@ -78,6 +79,8 @@ class MeteredExchange:
         self._tokens_estimated = False
         """True when a token count in the figures is not the server's own (basis flag)."""
         self._last_figures: Figures | None = None
+        self.route: RouteDecision | None = None
+        """Set by the proxy when a pool's policy chose the upstream (proxy.routing)."""
         usage.owner = self
 
     # -- hooks called by the data path ----------------------------------------------
@@ -276,6 +279,10 @@ class MeteredExchange:
             basis="",
             status="provisional",
         )
+        route = self.route
+        if route is not None and route.pool_size > 1:
+            receipt.route = route.header_value()
+            receipt.avoided_grams = route.avoided_grams
         return self._update(receipt, figures, meta.basis_note)
 
     @staticmethod

@@ -22,17 +22,18 @@ from proxy.carbon.providers.parsing import MAX_PLAUSIBLE_G_PER_KWH
 from proxy.carbon.providers.ukgrid import REGION_IDS, UkGridProvider, is_northern_ireland, outward_code
 from proxy.carbon.providers.watttime import WattTimeProvider
 from proxy.carbon.table import TableIntensity, country_for_zone, find_zone
+from proxy.carbon.traces import TraceIntensity
 from proxy.errors import ConfigError
 
 log = logging.getLogger("proxy.carbon")
 
-PROVIDERS = ("constant", "table", "electricitymaps", "watttime", "ukgrid", "carbonaware")
+PROVIDERS = ("constant", "table", "electricitymaps", "watttime", "ukgrid", "carbonaware", "sim")
 
 INTENSITY_KEYS = frozenset({
     "intensity", "provider", "zone", "fallback_zone", "poll_seconds", "stale_after_seconds",
     "timeout_seconds", "startup_wait_seconds", "url", "login_url", "token_env", "token_file",
     "username_env", "username_file", "password_env", "password_file", "forecast", "region_id",
-    "postcode", "location", "marginal",
+    "postcode", "location", "marginal", "day_seconds",
 })
 EMBODIED_KEYS = frozenset({"embodied", "device_model", "device_kg", "lifetime_years", "server_kg", "gpus_per_server"})
 CARBON_KEYS = INTENSITY_KEYS | EMBODIED_KEYS | {"pue"}
@@ -128,6 +129,10 @@ def build_intensity_provider(
     if provider in (None, "table"):
         zone = _str(carbon, "zone") or (intensity if isinstance(intensity, str) else None) or "WORLD"
         return TableIntensity(zone, key=_key("zone"))
+
+    if provider == "sim":  # a simulated daily trace (proxy.carbon.traces): demo, tests, bench
+        day = _seconds(carbon, "day_seconds", 86400.0) if "day_seconds" in carbon else 86400.0
+        return TraceIntensity(_str(carbon, "zone") or "SE", day_seconds=day, clock=clock, key=_key("zone"))
 
     polling: dict[str, Any] = {"clock": clock, "session": session}
     for name in ("poll_seconds", "stale_after_seconds", "startup_wait_seconds"):
