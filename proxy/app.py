@@ -358,6 +358,8 @@ class ProxyServer:
             count_prompt=self._prompt_count_for(upstream, info.body, request.headers.get("Authorization")),
         )
         exchange.route = route
+        if route.pool_size > 1:
+            exchange.on_first_byte = lambda: self.router.first_byte(route)
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         headers = upstream_request_headers(
             request.headers,

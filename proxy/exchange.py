@@ -81,6 +81,8 @@ class MeteredExchange:
         self._last_figures: Figures | None = None
         self.route: RouteDecision | None = None
         """Set by the proxy when a pool's policy chose the upstream (proxy.routing)."""
+        self.on_first_byte: Callable[[], None] | None = None
+        """Called when the upstream's response headers arrive (the router's backlog)."""
         usage.owner = self
 
     # -- hooks called by the data path ----------------------------------------------
@@ -88,6 +90,11 @@ class MeteredExchange:
     def response_started(self, status: int, headers: CIMultiDictProxy[str]) -> BodyMode:
         self.status = status
         self.first_byte_at = time.monotonic()
+        if self.on_first_byte is not None:
+            try:
+                self.on_first_byte()
+            except Exception:
+                log.exception("first-byte listener failed")
         try:
             content_type = headers.get("Content-Type", "").lower()
             encoding = headers.get("Content-Encoding")

@@ -8,7 +8,9 @@ In order, each configurable in [routing]:
    If that leaves none (and no residency applies), all are kept: a wrong health guess
    must not take a whole pool down, and the cooldown probes them again anyway.
 3. latency objective: skip members whose recent TTFT p95 is over
-   max_ttft_p95_seconds, or whose in-flight count is at max_in_flight.
+   max_ttft_p95_seconds, whose in-flight count is at max_in_flight, or whose prefill
+   backlog (prompt tokens sent, no first byte yet) would pass max_queued_tokens. The
+   last reacts at once; TTFT is only known when a request ends.
 4. share cap: skip members that took max_share or more of the pool's recent requests.
 Guards 3 and 4 are soft: if one would leave nothing, it is not applied.
 """
@@ -41,6 +43,7 @@ def apply_guards(
     tenant: str | None,
     shares: ShareWindow,
     now: float,
+    prompt_tokens: int = 0,
 ) -> GuardResult:
     skipped: dict[str, str] = {}
     pool = list(candidates)
@@ -65,7 +68,7 @@ def apply_guards(
                                             f"{list(allowed_zones)}; not sending it elsewhere")
         pool = healthy or pool
     resident = list(pool)
-    if settings.max_ttft_p95_seconds > 0 or settings.max_in_flight > 0:
+    if settings.max_ttft_p95_seconds > 0 or settings.max_in_flight > 0 or settings.max_queued_tokens > 0:
         fast = []
         for c in pool:
             p95 = c.state.ttft_p95(now, settings.latency_window_seconds) if settings.max_ttft_p95_seconds > 0 else None
@@ -73,6 +76,8 @@ def apply_guards(
                 skipped[c.name] = f"latency: TTFT p95 {p95:.3g}s over {settings.max_ttft_p95_seconds:g}s"
             elif settings.max_in_flight > 0 and c.state.in_flight >= settings.max_in_flight:
                 skipped[c.name] = f"latency: {c.state.in_flight} in flight, limit {settings.max_in_flight}"
+            elif settings.max_queued_tokens > 0 and c.state.queued_tokens + prompt_tokens > settings.max_queued_tokens and c.state.queued_tokens > 0:
+                skipped[c.name] = f"latency: {c.state.queued_tokens} prompt tokens waiting, limit {settings.max_queued_tokens}"
             else:
                 fast.append(c)
         pool = fast or pool

@@ -35,6 +35,8 @@ class RouteDecision:
     baseline_grams: float
     explored: bool = False
     zone: str | None = None
+    prompt_tokens: int = 0
+    """The router's estimate, held until the upstream answers (its prefill backlog)."""
 
     @property
     def avoided_grams(self) -> float:

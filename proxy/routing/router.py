@@ -84,6 +84,7 @@ class Router:
         self._wall_clock = wall_clock
         self._rng = random.Random(self.settings.seed)
         self._regions = self.settings.regions
+        self._awaiting: set[int] = set()  # ids of decisions started, not yet answered
         self._single = {
             u.name: RouteDecision(u, self.settings.policy, 1, 0.0, self.settings.baseline, u.name, 0.0, zone=self.sites[u.name].zone)
             for u in upstreams
@@ -148,7 +149,9 @@ class Router:
             Candidate(u, self.sites[u.name], self.states[u.name], self.predict(u.name, request.prompt_tokens, output_tokens, wall))
             for u in pool
         ]
-        result = apply_guards(candidates, self.settings, tenant=tenant, shares=shares, now=self._clock())
+        result = apply_guards(
+            candidates, self.settings, tenant=tenant, shares=shares, now=self._clock(), prompt_tokens=request.prompt_tokens
+        )
         if result.refusal is not None:
             return RouteRefused(result.refusal)
         explored = (
@@ -167,14 +170,27 @@ class Router:
             baseline_grams=baseline.prediction.grams,
             explored=explored,
             zone=chosen.site.zone,
+            prompt_tokens=request.prompt_tokens,
         )
 
     # -- feedback -----------------------------------------------------------------------
 
     def started(self, decision: RouteDecision) -> None:
-        self.states[decision.upstream.name].in_flight += 1
+        state = self.states[decision.upstream.name]
+        state.in_flight += 1
+        if decision.pool_size > 1:
+            state.queued_tokens += decision.prompt_tokens
+            self._awaiting.add(id(decision))
+
+    def first_byte(self, decision: RouteDecision) -> None:
+        """The upstream answered (response headers): the prompt has left its backlog."""
+        if id(decision) in self._awaiting:
+            self._awaiting.discard(id(decision))
+            state = self.states[decision.upstream.name]
+            state.queued_tokens = max(0, state.queued_tokens - decision.prompt_tokens)
 
     def finished(self, decision: RouteDecision) -> None:
+        self.first_byte(decision)  # no-op when it already answered
         state = self.states[decision.upstream.name]
         state.in_flight = max(0, state.in_flight - 1)
 

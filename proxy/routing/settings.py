@@ -9,6 +9,7 @@ unhealthy_after_failures = 3
 unhealthy_seconds = 10.0       # then one request probes it again
 max_ttft_p95_seconds = 5.0     # latency objective on the recent window; 0: off
 max_in_flight = 0              # per upstream; 0: off
+max_queued_tokens = 0          # prompt tokens sent and not yet answered, per upstream; 0: off
 latency_window_seconds = 60.0
 max_share = 0.0                # of a pool's recent requests per upstream; 0: off
 share_window = 200
@@ -40,6 +41,8 @@ class RoutingSettings:
     unhealthy_seconds: float = 10.0
     max_ttft_p95_seconds: float = 0.0
     max_in_flight: int = 0
+    max_queued_tokens: int = 0
+    """Prompt tokens (estimated) sent to one upstream and not yet answered; 0: off."""
     latency_window_seconds: float = 60.0
     max_share: float = 0.0
     share_window: int = 200
@@ -97,6 +100,7 @@ def parse_routing(table: Mapping[str, Any], tenants: Mapping[str, Any] | None = 
         unhealthy_seconds=_number("routing.unhealthy_seconds", table.get("unhealthy_seconds", defaults.unhealthy_seconds)),
         max_ttft_p95_seconds=_number("routing.max_ttft_p95_seconds", table.get("max_ttft_p95_seconds", defaults.max_ttft_p95_seconds)),
         max_in_flight=int(_number("routing.max_in_flight", table.get("max_in_flight", defaults.max_in_flight))),
+        max_queued_tokens=int(_number("routing.max_queued_tokens", table.get("max_queued_tokens", defaults.max_queued_tokens))),
         latency_window_seconds=_number("routing.latency_window_seconds", table.get("latency_window_seconds", defaults.latency_window_seconds), minimum=1.0),
         max_share=_number("routing.max_share", table.get("max_share", defaults.max_share), maximum=1.0),
         share_window=int(_number("routing.share_window", table.get("share_window", defaults.share_window), minimum=1)),

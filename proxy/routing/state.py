@@ -20,6 +20,8 @@ def is_failure(outcome: str, status_code: int) -> bool:
 class UpstreamState:
     name: str
     in_flight: int = 0
+    queued_tokens: int = 0
+    """Estimated prompt tokens sent and not yet answered (no first byte): its prefill backlog."""
     consecutive_failures: int = 0
     down_until: float = 0.0
     """Monotonic time until which the upstream is skipped; then one request probes it."""

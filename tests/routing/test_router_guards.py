@@ -102,3 +102,20 @@ def test_residency_refuses_with_a_clear_error_instead_of_spilling() -> None:
     refused = router.route("/v1/chat/completions", "m", tenant="se-only", body=BODY)
     assert isinstance(refused, RouteRefused) and "healthy" in refused.message
     assert _pick(router) == "mid"  # tenants without regions still get served
+
+
+def test_prefill_backlog_limit_reacts_before_any_ttft_is_known() -> None:
+    router, _ = make_router(PLACES, COSTS, routing={"policy": "carbon", "max_queued_tokens": 250})
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}]}  # ~100 prompt tokens
+    picks = []
+    decisions = []
+    for _ in range(3):
+        decision = router.route("/v1/chat/completions", "m", body=body)
+        router.started(decision)
+        decisions.append(decision)
+        picks.append(decision.upstream.name)
+    assert picks == ["clean", "clean", "mid"]  # a third 100 would pass 250 waiting at "clean"
+    router.first_byte(decisions[0])  # "clean" answered one: its backlog shrinks
+    assert router.route("/v1/chat/completions", "m", body=body).upstream.name == "clean"
+    router.finished(decisions[0])  # finishing after the first byte does not count it twice
+    assert router.states["clean"].queued_tokens == 100
