@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from proxy.routing.cost import PREFILL_WEIGHT  # noqa: E402
 from proxy.routing.sim import FleetRun, FleetSite, request_stream, run_fleet  # noqa: E402
 from proxy.sim.power import PowerModel  # noqa: E402
 
@@ -62,15 +63,33 @@ def percentile(values: list[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
-def summarize(run: FleetRun, timeout_seconds: float) -> dict[str, float]:
+def site_rates(run: FleetRun) -> dict[str, float]:
+    """Joules per work unit of each site over a run (work = prefill_weight x prompt + output)."""
+    joules: dict[str, float] = {}
+    work: dict[str, float] = {}
+    for o in run.outcomes:
+        joules[o.site] = joules.get(o.site, 0.0) + o.joules
+        work[o.site] = work.get(o.site, 0.0) + _work(o.request.prompt_tokens, min(o.request.output_tokens, o.request.max_tokens or 10**9))
+    return {site: joules[site] / work[site] for site in joules if work[site] > 0}
+
+
+def _work(prompt_tokens: int, output_tokens: int) -> float:
+    return PREFILL_WEIGHT * prompt_tokens + output_tokens
+
+
+def summarize(run: FleetRun, timeout_seconds: float, reference_rates: dict[str, float] | None = None) -> dict[str, float]:
     ttft = [o.ttft_seconds for o in run.outcomes if o.ttft_seconds is not None]
     errors = sum(1 for o in run.outcomes if o.ttft_seconds is None or o.ttft_seconds > timeout_seconds)
     joules = sum(o.joules for o in run.outcomes)
     facility = sum(o.joules * o.pue for o in run.outcomes)
     operational = sum(o.operational_grams for o in run.outcomes)
+    rates = reference_rates or site_rates(run)
+    hardware = sum(rates.get(o.site, 0.0) * _work(o.request.prompt_tokens, min(o.request.output_tokens, o.request.max_tokens or 10**9))
+                   for o in run.outcomes)
     return {
         "requests": len(run.outcomes),
         "joules": joules,
+        "hardware_joules": hardware or joules,
         "facility_joules": facility,
         "operational_grams": operational,
         "embodied_grams": sum(o.embodied_grams for o in run.outcomes),
@@ -91,12 +110,19 @@ def _log_mean(a: float, b: float) -> float:
 
 
 def decompose(base: dict[str, float], new: dict[str, float]) -> dict[str, float]:
-    """Saving (base - new) split exactly: operational grams = IT energy x PUE x intensity
-    (LMDI-I, each factor's log change weighted by the log mean of the two totals), plus
-    the embodied difference."""
+    """Saving (base - new) split exactly (LMDI-I: each factor's log change weighted by the
+    log mean of the two operational totals), plus the embodied difference:
+
+        operational grams = H x (E / H) x (F / E) x (O / F)
+
+    H, "hardware": the energy the requests would have drawn at each site's joules per
+    work unit under the baseline (so only where they ran changes it); E / H, "load": how
+    much more or less each site drew per unit of work than under the baseline (fuller
+    batches share static power among more requests); F / E the PUE; O / F the intensity."""
     weight = _log_mean(base["operational_grams"], new["operational_grams"])
     factors = {
-        "energy": (base["joules"], new["joules"]),
+        "hardware": (base["hardware_joules"], new["hardware_joules"]),
+        "load": (base["joules"] / base["hardware_joules"], new["joules"] / new["hardware_joules"]),
         "pue": (base["facility_joules"] / base["joules"], new["facility_joules"] / new["joules"]),
         "grid": (base["operational_grams"] / base["facility_joules"], new["operational_grams"] / new["facility_joules"]),
     }
@@ -109,9 +135,11 @@ def run_all(runs: int, day_seconds: float, rate: float, timeout_seconds: float) 
     results: dict[str, list[dict[str, float]]] = {name: [] for name in POLICIES}
     for seed in range(1, runs + 1):
         stream = request_stream(seconds=day_seconds, rate_per_second=rate, seed=seed)
-        for name, routing in POLICIES.items():
-            run = run_fleet(stream, SITES, {**routing, "seed": seed}, day_seconds=day_seconds)
-            results[name].append(summarize(run, timeout_seconds))
+        runs_by_policy = {name: run_fleet(stream, SITES, {**routing, "seed": seed}, day_seconds=day_seconds)
+                          for name, routing in POLICIES.items()}
+        reference = site_rates(runs_by_policy["round_robin"])  # every site's efficiency under an even load
+        for name, run in runs_by_policy.items():
+            results[name].append(summarize(run, timeout_seconds, reference))
     return results
 
 
@@ -158,7 +186,8 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
     ]
     labels = {
         "grid": "cleaner grids (lower intensity where and when it ran)",
-        "energy": "less IT energy (more efficient hardware and fuller batches)",
+        "hardware": "hardware efficiency (sites' joules per token under an even load)",
+        "load": "fuller batches (static power shared by more requests)",
         "pue": "lower PUE",
         "embodied": "embodied carbon",
     }

@@ -280,7 +280,7 @@ def install_metrics(proxy: ProxyServer, registry: CollectorRegistry) -> RequestM
     # hand-off to the upstream: routing, dialect, budget, attribution and header work.
     proxy.on_forward(lambda exchange: requests.observe_overhead(exchange.upstream.name, time.monotonic() - exchange.meta.started_monotonic))
     proxy.on_reject(requests.reject)
-    routes = RouteMetrics(proxy.config.routing.policy, proxy.config.routing.baseline)
+    routes = RouteMetrics(proxy.config.routing.policy, proxy.config.routing.baseline, (u.name for u in proxy.config.upstreams))
     proxy.on_record(routes.record)
     registry.register(routes)
     return requests

@@ -22,11 +22,12 @@ from proxy.routing.header import parse_header
 
 
 class RouteMetrics(Collector):
-    def __init__(self, policy: str, baseline: str) -> None:
+    def __init__(self, policy: str, baseline: str, upstreams: Iterable[str] = ()) -> None:
         self.policy = policy
         self.baseline = baseline
-        self.avoided_grams: dict[str, float] = {}
-        self.routed: dict[tuple[str, str], int] = {}
+        # Every upstream from zero, so dashboards and rate() see the series before the first route.
+        self.avoided_grams: dict[str, float] = dict.fromkeys(upstreams, 0.0)
+        self.routed: dict[tuple[str, str], int] = {(name, "false"): 0 for name in self.avoided_grams}
 
     def record(self, receipt: Receipt, *_: object) -> None:
         if receipt.status != "provisional" or receipt.route is None:
