@@ -169,7 +169,8 @@ def build_intensity_provider(
         return WattTimeProvider(
             region, username, password, fallback=_fallback(carbon, country_for_zone(region), provider),
             base_url=url or WattTimeProvider.DEFAULT_URL,
-            login_url=_str(carbon, "login_url") or WattTimeProvider.DEFAULT_LOGIN_URL, **polling,
+            login_url=_str(carbon, "login_url") or WattTimeProvider.DEFAULT_LOGIN_URL,
+            forecast=_bool(carbon, "forecast", False), **polling,
         )
     if provider == "ukgrid":
         region_id = carbon.get("region_id")
@@ -188,7 +189,7 @@ def build_intensity_provider(
             )
         return UkGridProvider(
             fallback=_fallback(carbon, "GBR", provider), region_id=region_id, postcode=postcode,
-            base_url=url or UkGridProvider.DEFAULT_URL, **polling,
+            base_url=url or UkGridProvider.DEFAULT_URL, forecast=_bool(carbon, "forecast", False), **polling,
         )
     # carbonaware
     location = _str(carbon, "location") or _require(carbon, "zone", "a location your WebAPI knows, e.g. \"eastus\"")
@@ -202,7 +203,7 @@ def build_intensity_provider(
     guess = f"azure:{location}" if find_zone(f"azure:{location}") else country_for_zone(location)
     return CarbonAwareSdkProvider(
         location, base_url=url, fallback=_fallback(carbon, guess, provider), token=token,
-        marginal=_bool(carbon, "marginal", False), **polling,
+        marginal=_bool(carbon, "marginal", False), forecast=_bool(carbon, "forecast", False), **polling,
     )
 
 
