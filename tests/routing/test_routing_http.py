@@ -23,7 +23,8 @@ from proxy.serve import Service
 def _chat(name: str):
     async def handler(request: web.Request) -> web.Response:
         await request.read()
-        return web.json_response({
+        assert "X-Carbon-Route" not in request.headers  # a client's copy never reaches the upstream
+        return web.json_response(headers={"X-Carbon-Route": "upstream=spoofed; avoided_grams=1000"}, data={
             "id": "x", "object": "chat.completion", "model": "m", "served_by": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42},
@@ -79,8 +80,10 @@ async def test_carbon_policy_routes_to_the_cleaner_site_and_says_so_everywhere()
         async with aiohttp.ClientSession() as session:
             for _ in range(6):
                 async with session.post(f"{base}/v1/chat/completions", json={"model": "m", "max_tokens": 30,
-                                        "messages": [{"role": "user", "content": "hello"}]}) as response:
+                                        "messages": [{"role": "user", "content": "hello"}]},
+                                        headers={"X-Carbon-Route": "upstream=client-said"}) as response:
                     assert response.status == 200
+                    assert len(response.headers.getall("X-Carbon-Route")) == 1  # the upstream's copy is dropped
                     assert (await response.json())["served_by"] == "nordic"
                     headers_seen.append((response.headers["X-Request-Id"], parse_header(response.headers["X-Carbon-Route"])))
                     # The request's own figures use its upstream's intensity, not the proxy-wide one.
