@@ -60,9 +60,16 @@ def build_sites(
     environ: Mapping[str, str] | None = None,
 ) -> dict[str, Site]:
     sites: dict[str, Site] = {}
+    places_by_devices: dict[tuple[str, ...], tuple[str, dict[str, Any]]] = {}
     for index, upstream in enumerate(upstreams):
         key = f"upstreams[{index}]"
         place = upstream.place
+        # Energy is metered per device group: one group cannot be priced in two places.
+        earlier = places_by_devices.setdefault(tuple(sorted(upstream.devices)), (upstream.name, place))
+        if earlier[1] != place:
+            devices = list(upstream.devices) or "all of the meter's devices"
+            raise ConfigError(f"{key}.zone", f"runs on the same devices ({devices}) as {earlier[0]!r} but names another place; "
+                                             "upstreams in different places need their own devices")
         own = _own_intensity(key, place, clock=clock, environ=environ)
         zone = place.get("zone")
         if zone is None and isinstance(place.get("carbon"), dict):

@@ -159,3 +159,12 @@ def test_tenant_regions_are_checked() -> None:
     with pytest.raises(ConfigError) as caught:
         config_from_dict({"upstreams": [{"url": "http://a"}], "tenants": {"regions": {"t": []}}})
     assert caught.value.key == "tenants.regions.t"
+
+
+def test_one_device_group_cannot_be_in_two_places() -> None:
+    from proxy.routing.place import build_sites
+
+    config = config_from_dict({"upstreams": [{"name": "a", "url": "http://a", "zone": "SE"}, {"name": "b", "url": "http://b", "zone": "DE"}]})
+    with pytest.raises(ConfigError) as caught:
+        build_sites(config.upstreams, default_intensity=ConstantIntensity(1), default_pue=1.0)
+    assert caught.value.key == "upstreams[1].zone" and "'a'" in caught.value.reason
