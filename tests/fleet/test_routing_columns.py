@@ -9,6 +9,7 @@ from pathlib import Path
 import asyncpg
 
 from proxy.receipts import pg_schema
+from proxy.receipts.fleet_report import build_fleet_report
 from proxy.receipts.postgres import Postgres
 from proxy.receipts.shipper import Shipper
 from proxy.receipts.sqlite import SqliteReceiptStore
@@ -48,3 +49,7 @@ async def test_route_and_avoided_grams_ship_into_a_table_made_before_them(tmp_pa
     finally:
         await conn.close()
     assert row["avoided_grams"] == 0.25 and row["route"].startswith("upstream=nordic")
+    report = await asyncio.to_thread(
+        build_fleet_report, dsn, since_unix=time.time() - 86400, until_unix=time.time() + 60, by="upstream"
+    )
+    assert report.total.avoided_grams == 0.25  # the fleet report's column

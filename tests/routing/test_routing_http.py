@@ -85,11 +85,11 @@ async def test_carbon_policy_routes_to_the_cleaner_site_and_says_so_everywhere()
                     assert response.status == 200
                     assert len(response.headers.getall("X-Carbon-Route")) == 1  # the upstream's copy is dropped
                     assert (await response.json())["served_by"] == "nordic"
-                    headers_seen.append((response.headers["X-Request-Id"], parse_header(response.headers["X-Carbon-Route"])))
+                    headers_seen.append((response.headers["X-Carbon-Receipt-Id"], parse_header(response.headers["X-Carbon-Route"])))
                     # The request's own figures use its upstream's intensity, not the proxy-wide one.
                     assert float(response.headers["X-Carbon-Intensity"]) == pytest.approx(30)
             await asyncio.sleep(0.3)
-            receipts = [await service.proxy.receipts.get(request_id) for request_id, _ in headers_seen]
+            receipts = [await service.proxy.receipts.get(receipt_id) for receipt_id, _ in headers_seen]
             assert all(r is not None and r.route is not None for r in receipts)
             for (_, fields), receipt in zip(headers_seen, receipts):
                 assert parse_header(receipt.route) == fields and receipt.upstream == "nordic"
