@@ -310,6 +310,18 @@ def grid() -> dict[str, Any]:
         ], "short", w=8),
         timeseries("Age of the provider's last answer",
                    [target(f"carbon_proxy_intensity_provider_staleness_seconds{{{INST}}}", "{{provider}}")], "s", w=8),
+        row("Carbon-aware routing"),
+        stat("Avoided, last 24 h (predicted)", f"sum(increase(carbon_proxy_avoided_co2e_grams_total{{{INST}}}[1d]))",
+             "suffix: g", decimals=1, w=6,
+             description="Predicted grams of the baseline policy's choices minus those of the chosen upstreams "
+                         "(X-Carbon-Route). A counterfactual: the baseline never ran."),
+        timeseries("Avoided gCO2e per hour, by upstream chosen (predicted)", [
+            target(f"sum by (upstream, policy, baseline) (rate(carbon_proxy_avoided_co2e_grams_total{{{INST}}}[$__rate_interval])) * 3600",
+                   "{{upstream}} ({{policy}} vs {{baseline}})"),
+        ], "suffix: g/h", w=9),
+        timeseries("Where the routing policy sends requests", [
+            target(f"sum by (upstream) (rate(carbon_proxy_routed_requests_total{{{INST}}}[$__rate_interval]))", "{{upstream}}"),
+        ], "reqps", w=9, stack=True),
     ]  # fmt: skip
     variables = [variable("instance", "Proxy", "carbon_proxy_grid_intensity_grams_per_joule", "instance")]
     return dashboard("carbon-proxy-grid", "carbon-proxy: grid intensity",

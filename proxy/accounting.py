@@ -73,6 +73,8 @@ class GroupPricing:
     pue: float
     embodied_g_per_device_second: float
     devices: int
+    intensity: IntensityProvider | None = None
+    """The group's own grid intensity (an upstream with its own zone); None: the proxy's."""
 
 
 class Accountant:
@@ -152,7 +154,12 @@ class Accountant:
                 if modelled > joules:
                     weighted += (modelled - joules) * self._g_per_kwh_at(usage.closed_at or now)
                     joules = modelled
-        reading = self._intensity.at((usage.closed_at or now) + self._wall_offset)
+        own = pricing.intensity
+        reading = (own or self._intensity).at((usage.closed_at or now) + self._wall_offset)
+        if own is not None:
+            # An upstream in its own zone: priced at its zone's value when it ended (the
+            # engine's per-interval weighting follows the proxy-wide source only).
+            weighted = joules * reading.g_per_kwh
         # weighted = sum of joules x g/kWh of each interval: a long stream that crosses an
         # intensity data point is priced with both values.
         operational = weighted / JOULES_PER_KWH * pricing.pue

@@ -32,7 +32,8 @@ from proxy.meters.base import EnergySample, Meter
 from proxy.meters.sampler import Sampler
 from proxy.receipts.endpoint import receipts_endpoint
 from proxy.receipts.model import Receipt, ReceiptStore, new_receipt_id
-from proxy.routing import Router
+from proxy.routing.header import HEADER as ROUTE_HEADER
+from proxy.routing.router import RouteRefused, Router
 from proxy.tenants import Tenancy
 from proxy.tokenize import PromptCounter
 
@@ -69,7 +70,7 @@ class ProxyServer:
         self.intensity = intensity
         self.receipts = receipts
         self._embodied_rate = embodied_g_per_device_second
-        self.router = Router(config.upstreams)
+        self.router = Router(config.upstreams, config.routing, default_intensity=intensity, default_pue=config.pue)
         self.tenancy = Tenancy(config.tenants)
         self.forwarder = Forwarder(max_buffer_bytes=config.server.max_buffer_bytes)
         self.sampler: Sampler | None = None
@@ -103,10 +104,12 @@ class ProxyServer:
             name = group_name(upstream)
             members = list(upstream.devices) if upstream.devices else devices
             groups[name] = members
+            site = self.router.sites[upstream.name]
             pricing[name] = GroupPricing(
                 pue=upstream.pue if upstream.pue is not None else self.config.pue,
                 embodied_g_per_device_second=self._embodied_rate(upstream.device_model),
                 devices=len(members),
+                intensity=site.intensity if site.own_intensity else None,
             )
         attribution = self.config.attribution
         device_models = {group_name(u): u.device_model for u in self.config.upstreams}
@@ -152,6 +155,8 @@ class ProxyServer:
 
                 accountant.model_work(request_joules)
         await self.intensity.start()
+        await self.router.start()
+        self.on_record(self.router.observe)
         await self.receipts.start()
         usage = getattr(self.receipts, "tenant_usage_grams", None)
         if usage is not None:
@@ -177,6 +182,7 @@ class ProxyServer:
         await self.budgets.close()
         await self.prompt_counter.close()
         await self.receipts.close()
+        await self.router.close()
         await self.intensity.close()
         await self.meter.close()
 
@@ -307,19 +313,27 @@ class ProxyServer:
         started_monotonic = time.monotonic()
         raw_body = body if isinstance(body, bytes) else None
         model = None
+        data = None
         if self.router.needs_model and raw_body is not None:
             data = parse_json_object(raw_body)
             model = data.get("model") if data is not None and isinstance(data.get("model"), str) else None
-        upstream = self.router.route(path, model)
-        if upstream is None:
+        tenant, cred_hash = self.tenancy.identify(request.headers)
+        if data is None and raw_body is not None and self.router.needs_body(path, model):
+            data = parse_json_object(raw_body)
+        route = self.router.route(path, model, tenant=tenant, body=data)
+        if route is None:
             return self._reject(404, "no_route", f"no upstream is configured for {path!r}")
+        if isinstance(route, RouteRefused):
+            return self._reject(route.status, route.kind, route.message)
+        upstream = route.upstream
         dialect = dialect_for(upstream.dialect, path)
         info = dialect.inspect_request(request.method, path, raw_body)
 
         request_id = request_id_from(request.headers)
-        tenant, cred_hash = self.tenancy.identify(request.headers)
         receipt_id = new_receipt_id()
         extra_headers = {"X-Request-Id": request_id}
+        if route.pool_size > 1:
+            extra_headers[ROUTE_HEADER] = route.header_value()
         admission = OPEN
         if self.budgets.enabled:  # reserve the predicted grams now; the receipt settles them
             limit = requested_output_tokens(raw_body)
@@ -362,6 +376,9 @@ class ProxyServer:
             lost=self._receipt_lost,
             count_prompt=self._prompt_count_for(upstream, info.body, request.headers.get("Authorization")),
         )
+        exchange.route = route
+        if route.pool_size > 1:
+            exchange.on_first_byte = lambda: self.router.first_byte(route)
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         headers = upstream_request_headers(
             request.headers,
@@ -382,6 +399,7 @@ class ProxyServer:
         for listener in self._forward_listeners:
             listener(exchange)
         self.in_flight += 1
+        self.router.started(route)
         try:
             response = await self.forwarder.forward(
                 request,
@@ -396,6 +414,7 @@ class ProxyServer:
         finally:
             self.in_flight -= 1
             self.budgets.release(receipt_id)  # a request that ended without a receipt
+            self.router.finished(route)
         if isinstance(body, _LimitedBody) and body.exceeded:
             return self._too_large()
         return response

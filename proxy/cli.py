@@ -123,7 +123,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.path)
     Tenancy(config.tenants)
     build_embodied_rates(config)
-    build_intensity(config)
+    from proxy.routing.place import build_sites
+
+    build_sites(config.upstreams, default_intensity=build_intensity(config), default_pue=config.pue)
     if config.meter.kind not in ("auto", "sim"):
         build_meter(config)
     print(f"{args.path}: ok ({len(config.upstreams)} upstream(s), meter {config.meter.kind})")

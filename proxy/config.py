@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from proxy.carbon.pue import resolve_pue
 from proxy.errors import ConfigError
 from proxy.receipts.backend import parse_backend
+from proxy.routing.settings import PLACE_KEYS, RoutingSettings, parse_place, parse_routing
 
 DIALECTS = ("openai", "tgi", "ollama", "llamacpp", "diffusion", "generic")
 METERS = ("auto", "nvml", "scrape", "rapl", "estimate", "sim")
@@ -68,6 +69,8 @@ class UpstreamConfig:
     pue: float | None = None
     device_model: str = "H100"
     timeouts: Timeouts = Timeouts()
+    place: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    """Where it runs: `zone`, `intensity`, `[upstreams.carbon]` (proxy.routing.place reads them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +128,7 @@ class Config:
     tenants: dict[str, Any] = field(default_factory=dict)
     telemetry: dict[str, Any] = field(default_factory=dict)
     """The [telemetry] table (OpenTelemetry export), validated by proxy.telemetry.settings."""
+    routing: RoutingSettings = RoutingSettings()
 
 
 # -- parsing helpers: each takes the dotted key so errors can name it ----------------
@@ -204,7 +208,7 @@ def _timeouts(key: str, table: dict[str, Any]) -> Timeouts:
 
 
 def _upstream(key: str, table: dict[str, Any], default_timeouts: Timeouts) -> UpstreamConfig:
-    allowed = {"name", "url", "dialect", "routes", "models", "devices", "pue", "device_model", "timeouts"}
+    allowed = {"name", "url", "dialect", "routes", "models", "devices", "pue", "device_model", "timeouts", *PLACE_KEYS}
     _check_keys(key, table, allowed)
     if "url" not in table:
         raise ConfigError(f"{key}.url", "missing; every upstream needs the URL of its model server")
@@ -237,6 +241,7 @@ def _upstream(key: str, table: dict[str, Any], default_timeouts: Timeouts) -> Up
         pue=None if pue is None else resolve_pue(pue, key=f"{key}.pue")[0],
         device_model=device_model,
         timeouts=timeouts,
+        place=parse_place(key, table),
     )
 
 
@@ -338,7 +343,7 @@ def _check_routing(upstreams: tuple[UpstreamConfig, ...]) -> None:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    _check_keys("", data, {"server", "upstreams", "meter", "carbon", "attribution", "receipts", "tenants", "telemetry"})
+    _check_keys("", data, {"server", "upstreams", "meter", "carbon", "attribution", "receipts", "tenants", "telemetry", "routing"})
     server, default_timeouts = _server(_table("server", data.get("server", {})))
     raw_upstreams = data.get("upstreams", [])
     if not isinstance(raw_upstreams, list):
@@ -362,6 +367,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         receipts=_receipts(_table("receipts", data.get("receipts", {}))),
         tenants=dict(_table("tenants", data.get("tenants", {}))),
         telemetry=_telemetry(_table("telemetry", data.get("telemetry", {}))),
+        routing=parse_routing(_table("routing", data.get("routing", {})), _table("tenants", data.get("tenants", {}))),
     )
 
 

@@ -21,6 +21,7 @@ from proxy.dialects.base import DEFAULT_MAX_EVENT_BYTES
 from proxy.dialects.native import read_tgi_headers
 from proxy.forward import BodyMode
 from proxy.receipts.model import Receipt
+from proxy.routing.header import RouteDecision
 
 log = logging.getLogger("carbon_proxy.exchange")
 
@@ -78,6 +79,10 @@ class MeteredExchange:
         self._tokens_estimated = False
         """True when a token count in the figures is not the server's own (basis flag)."""
         self._last_figures: Figures | None = None
+        self.route: RouteDecision | None = None
+        """Set by the proxy when a pool's policy chose the upstream (proxy.routing)."""
+        self.on_first_byte: Callable[[], None] | None = None
+        """Called when the upstream's response headers arrive (the router's backlog)."""
         usage.owner = self
 
     # -- hooks called by the data path ----------------------------------------------
@@ -85,6 +90,11 @@ class MeteredExchange:
     def response_started(self, status: int, headers: CIMultiDictProxy[str]) -> BodyMode:
         self.status = status
         self.first_byte_at = time.monotonic()
+        if self.on_first_byte is not None:
+            try:
+                self.on_first_byte()
+            except Exception:
+                log.exception("first-byte listener failed")
         try:
             content_type = headers.get("Content-Type", "").lower()
             encoding = headers.get("Content-Encoding")
@@ -288,6 +298,10 @@ class MeteredExchange:
             basis="",
             status="provisional",
         )
+        route = self.route
+        if route is not None and route.pool_size > 1:
+            receipt.route = route.header_value()
+            receipt.avoided_grams = route.avoided_grams
         return self._update(receipt, figures, meta.basis_note)
 
     @staticmethod

@@ -37,6 +37,7 @@ EMISSIONS_HEADERS = frozenset(
         "X-Emissions-Basis",
         "X-CO2e-Budget-Remaining",
         "X-Carbon-Receipt-Id",
+        "X-Carbon-Route",
     )
 )
 

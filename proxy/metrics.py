@@ -39,6 +39,7 @@ from proxy.exchange import MeteredExchange
 from proxy.metrics_state import StateCollector
 from proxy.receipts.metrics import ReceiptsCollector
 from proxy.receipts.model import Receipt
+from proxy.routing.metrics import RouteMetrics
 from proxy.tenants import OTHER
 
 MODEL_CAP = 50
@@ -50,7 +51,7 @@ UNKNOWN_MODEL = "unknown"
 REQUEST_LABELS = ["upstream", "model", "tenant"]
 REJECT_REASONS = (
     "invalid_request_target", "invalid_header", "method_not_allowed", "no_route", "request_too_large",
-    "carbon_budget_exceeded", "budget_store_unavailable",
+    "carbon_budget_exceeded", "budget_store_unavailable", "no_allowed_upstream",
 )  # fmt: skip
 LATENCY_LABELS = ["upstream", "model"]
 
@@ -279,4 +280,7 @@ def install_metrics(proxy: ProxyServer, registry: CollectorRegistry) -> RequestM
     # hand-off to the upstream: routing, dialect, budget, attribution and header work.
     proxy.on_forward(lambda exchange: requests.observe_overhead(exchange.upstream.name, time.monotonic() - exchange.meta.started_monotonic))
     proxy.on_reject(requests.reject)
+    routes = RouteMetrics(proxy.config.routing.policy, proxy.config.routing.baseline, (u.name for u in proxy.config.upstreams))
+    proxy.on_record(routes.record)
+    registry.register(routes)
     return requests

@@ -12,7 +12,8 @@ from proxy.errors import ConfigError
 OTHER = "other"
 ANONYMOUS = "anonymous"
 _BEARER = re.compile(r"^\s*bearer\s+", re.IGNORECASE)
-_KEYS = frozenset(("header", "allow", "aliases", "budgets", "budget_mode", "budget_cached_tenants", "budget_on_store_down"))
+_KEYS = frozenset(("header", "allow", "aliases", "budgets", "budget_mode", "budget_cached_tenants", "budget_on_store_down", "regions"))
+"""`regions` is read by proxy.routing.settings (tenant residency)."""
 _CREDENTIAL_HEADERS = ("Authorization", "X-Api-Key", "Api-Key")
 
 

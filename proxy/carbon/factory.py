@@ -22,17 +22,18 @@ from proxy.carbon.providers.parsing import MAX_PLAUSIBLE_G_PER_KWH
 from proxy.carbon.providers.ukgrid import REGION_IDS, UkGridProvider, is_northern_ireland, outward_code
 from proxy.carbon.providers.watttime import WattTimeProvider
 from proxy.carbon.table import TableIntensity, country_for_zone, find_zone
+from proxy.carbon.traces import TraceIntensity
 from proxy.errors import ConfigError
 
 log = logging.getLogger("proxy.carbon")
 
-PROVIDERS = ("constant", "table", "electricitymaps", "watttime", "ukgrid", "carbonaware")
+PROVIDERS = ("constant", "table", "electricitymaps", "watttime", "ukgrid", "carbonaware", "sim")
 
 INTENSITY_KEYS = frozenset({
     "intensity", "provider", "zone", "fallback_zone", "poll_seconds", "stale_after_seconds",
     "timeout_seconds", "startup_wait_seconds", "url", "login_url", "token_env", "token_file",
     "username_env", "username_file", "password_env", "password_file", "forecast", "region_id",
-    "postcode", "location", "marginal",
+    "postcode", "location", "marginal", "day_seconds",
 })
 EMBODIED_KEYS = frozenset({"embodied", "device_model", "device_kg", "lifetime_years", "server_kg", "gpus_per_server"})
 CARBON_KEYS = INTENSITY_KEYS | EMBODIED_KEYS | {"pue"}
@@ -129,6 +130,10 @@ def build_intensity_provider(
         zone = _str(carbon, "zone") or (intensity if isinstance(intensity, str) else None) or "WORLD"
         return TableIntensity(zone, key=_key("zone"))
 
+    if provider == "sim":  # a simulated daily trace (proxy.carbon.traces): demo, tests, bench
+        day = _seconds(carbon, "day_seconds", 86400.0) if "day_seconds" in carbon else 86400.0
+        return TraceIntensity(_str(carbon, "zone") or "SE", day_seconds=day, clock=clock, key=_key("zone"))
+
     polling: dict[str, Any] = {"clock": clock, "session": session}
     for name in ("poll_seconds", "stale_after_seconds", "startup_wait_seconds"):
         if name in carbon:
@@ -164,7 +169,8 @@ def build_intensity_provider(
         return WattTimeProvider(
             region, username, password, fallback=_fallback(carbon, country_for_zone(region), provider),
             base_url=url or WattTimeProvider.DEFAULT_URL,
-            login_url=_str(carbon, "login_url") or WattTimeProvider.DEFAULT_LOGIN_URL, **polling,
+            login_url=_str(carbon, "login_url") or WattTimeProvider.DEFAULT_LOGIN_URL,
+            forecast=_bool(carbon, "forecast", False), **polling,
         )
     if provider == "ukgrid":
         region_id = carbon.get("region_id")
@@ -183,7 +189,7 @@ def build_intensity_provider(
             )
         return UkGridProvider(
             fallback=_fallback(carbon, "GBR", provider), region_id=region_id, postcode=postcode,
-            base_url=url or UkGridProvider.DEFAULT_URL, **polling,
+            base_url=url or UkGridProvider.DEFAULT_URL, forecast=_bool(carbon, "forecast", False), **polling,
         )
     # carbonaware
     location = _str(carbon, "location") or _require(carbon, "zone", "a location your WebAPI knows, e.g. \"eastus\"")
@@ -197,7 +203,7 @@ def build_intensity_provider(
     guess = f"azure:{location}" if find_zone(f"azure:{location}") else country_for_zone(location)
     return CarbonAwareSdkProvider(
         location, base_url=url, fallback=_fallback(carbon, guess, provider), token=token,
-        marginal=_bool(carbon, "marginal", False), **polling,
+        marginal=_bool(carbon, "marginal", False), forecast=_bool(carbon, "forecast", False), **polling,
     )
 
 

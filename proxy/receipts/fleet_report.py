@@ -16,8 +16,10 @@ GROUPS = {
 _SUMS = (
     "count(*), sum(coalesce(prompt_tokens, 0)), sum(coalesce(output_tokens, 0)), sum(coalesce(images, 0)), "
     "sum(energy_joules), sum(coalesce(host_energy_joules, 0)), sum(energy_joules * pue), "
-    "sum(operational_grams), sum(embodied_grams), sum(co2e_grams), sum((status = 'provisional')::int)"
+    "sum(operational_grams), sum(embodied_grams), sum(co2e_grams), sum((status = 'provisional')::int), {avoided}"
 )
+_AVOIDED = "sum(coalesce(avoided_grams, 0))"
+"""A table no routing-aware proxy has written to yet has no avoided_grams column: 0."""
 
 
 def build_fleet_report(
@@ -36,11 +38,15 @@ async def _build(dsn: str, since: float, until: float, by: str, tenant: str | No
     try:
         exists = await conn.fetchval("SELECT to_regclass('carbon_receipts') IS NOT NULL")
         if not exists:
-            return Report(since, until, by, [], _totals("TOTAL", [0] * 11), [], [])
+            return Report(since, until, by, [], _totals("TOTAL", [0] * 12), [], [])
+        has_avoided = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'carbon_receipts' AND column_name = 'avoided_grams')"
+        )
+        sums = _SUMS.format(avoided=_AVOIDED if has_avoided else "0")
         order = "key" if by == "day" else "sum(co2e_grams) DESC, key"
-        rows = await conn.fetch(f"SELECT {GROUPS[by]} AS key, {_SUMS} FROM carbon_receipts WHERE {where} GROUP BY key ORDER BY {order}", *params)
+        rows = await conn.fetch(f"SELECT {GROUPS[by]} AS key, {sums} FROM carbon_receipts WHERE {where} GROUP BY key ORDER BY {order}", *params)
         groups = [_totals(str(row[0]), [_plain(v) for v in row[1:]]) for row in rows]
-        total = _totals("TOTAL", [_plain(v) for v in await conn.fetchrow(f"SELECT {_SUMS} FROM carbon_receipts WHERE {where}", *params)])
+        total = _totals("TOTAL", [_plain(v) for v in await conn.fetchrow(f"SELECT {sums} FROM carbon_receipts WHERE {where}", *params)])
         basis_rows = await conn.fetch(f"SELECT basis, sum(energy_joules), count(*) FROM carbon_receipts WHERE {where} GROUP BY basis", *params)
         bases = [(str(b), float(j or 0), int(n)) for b, j, n in basis_rows]
         upstreams = [str(r[0]) for r in await conn.fetch(f"SELECT DISTINCT upstream FROM carbon_receipts WHERE {where}", *params)]

@@ -48,6 +48,10 @@ class Receipt:
     cached_tokens: int | None = None
     """Prompt tokens served from the server's prefix cache (inside prompt_tokens; not
     charged as prefill work). None when the server does not say."""
+    route: str | None = None
+    """X-Carbon-Route as sent, when a pool's policy chose the upstream (proxy.routing)."""
+    avoided_grams: float | None = None
+    """Predicted grams of the baseline policy's choice minus those of the chosen upstream."""
 
     @property
     def device_energy_joules(self) -> float:

@@ -85,6 +85,15 @@ PARTITIONS = (
 )
 
 
+ROUTING_COLUMNS = ("route", "avoided_grams")
+"""Added by carbon-aware routing (proxy.routing) after the first fleet schema."""
+MIGRATE = "".join(
+    f"ALTER TABLE carbon_receipts ADD COLUMN IF NOT EXISTS {name} {PG_TYPES[name]};\n" for name in ROUTING_COLUMNS
+)
+"""A table made by an earlier version gets the newer columns (a partitioned table passes
+ADD COLUMN on to its partitions); on a new table it changes nothing."""
+
+
 def day_of(unix_seconds: float) -> int:
     """Days since the epoch (UTC): the partition a receipt belongs to."""
     return int(unix_seconds // SECONDS_PER_DAY)

@@ -160,6 +160,7 @@ class Postgres:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", pg_schema.DDL_LOCK)
             await conn.execute(pg_schema.CREATE)
+            await conn.execute(pg_schema.MIGRATE)
         self._schema_ready = True
 
     async def _create_partitions(self, conn: Any, days: set[int]) -> None:

@@ -55,6 +55,9 @@ class Totals:
     embodied_grams: float = 0.0
     co2e_grams: float = 0.0
     provisional: int = 0
+    avoided_grams: float = 0.0
+    """Predicted grams the routing policy avoided against its baseline (X-Carbon-Route);
+    a counterfactual, not a measurement. 0 where no pool routed."""
 
     @property
     def grams_per_1k_output_tokens(self) -> float | None:
@@ -126,12 +129,15 @@ def _filters(since: float, until: float, tenant: str | None, model: str | None) 
 _SUMS = (
     "count(*), sum(coalesce(prompt_tokens, 0)), sum(coalesce(output_tokens, 0)), sum(coalesce(images, 0)), "
     "sum(energy_joules), sum(coalesce(host_energy_joules, 0)), sum(energy_joules * pue), "
-    "sum(operational_grams), sum(embodied_grams), sum(co2e_grams), sum(status = 'provisional')"
+    "sum(operational_grams), sum(embodied_grams), sum(co2e_grams), sum(status = 'provisional'), {avoided}"
 )
+_AVOIDED = "sum(coalesce(avoided_grams, 0))"
+"""Databases written before routing have no avoided_grams column (the report opens them
+read-only and cannot add it): they read 0."""
 
 
 def _totals(key: str, row: Sequence[Any]) -> Totals:
-    count, prompt, output, images, energy, host, facility, operational, embodied, co2e, provisional = row
+    count, prompt, output, images, energy, host, facility, operational, embodied, co2e, provisional, avoided = row
     return Totals(
         key=key,
         requests=int(count or 0),
@@ -145,6 +151,7 @@ def _totals(key: str, row: Sequence[Any]) -> Totals:
         embodied_grams=float(embodied or 0),
         co2e_grams=float(co2e or 0),
         provisional=int(provisional or 0),
+        avoided_grams=float(avoided or 0),
     )
 
 
@@ -154,10 +161,12 @@ def build_report(
     conn = schema.connect(db_path, busy_timeout_ms=5_000, read_only=True)
     try:
         where, params = _filters(since_unix, until_unix, tenant, model)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(receipts)")}
+        sums = _SUMS.format(avoided=_AVOIDED if "avoided_grams" in columns else "0")
         order = "key" if by == "day" else "sum(co2e_grams) DESC, key"
-        rows = conn.execute(f"SELECT {GROUPS[by]} AS key, {_SUMS} FROM receipts WHERE {where} GROUP BY key ORDER BY {order}", params)
+        rows = conn.execute(f"SELECT {GROUPS[by]} AS key, {sums} FROM receipts WHERE {where} GROUP BY key ORDER BY {order}", params)
         groups = [_totals(str(row[0]), row[1:]) for row in rows]
-        total = _totals("TOTAL", conn.execute(f"SELECT {_SUMS} FROM receipts WHERE {where}", params).fetchone())
+        total = _totals("TOTAL", conn.execute(f"SELECT {sums} FROM receipts WHERE {where}", params).fetchone())
         bases = [
             (str(b), float(j or 0), int(n))
             for b, j, n in conn.execute(f"SELECT basis, sum(energy_joules), count(*) FROM receipts WHERE {where} GROUP BY basis", params)
@@ -179,12 +188,13 @@ TABLE_COLUMNS = (
     ("embodied g", "embodied_grams", "{:.4g}"),
     ("g/1k tok", "grams_per_1k_output_tokens", "{:.4g}"),
     ("g/request", "sci_grams_per_request", "{:.4g}"),
+    ("avoided g (pred.)", "avoided_grams", "{:.4g}"),
     ("provisional", "provisional", "{:d}"),
 )
 CSV_FIELDS = (
     "key", "requests", "prompt_tokens", "output_tokens", "images", "energy_joules", "host_energy_joules", "energy_kwh",
     "facility_energy_kwh", "operational_grams", "embodied_grams", "co2e_grams", "grams_per_1k_output_tokens",
-    "sci_grams_per_request", "joules_per_output_token", "intensity_g_per_kwh", "provisional",
+    "sci_grams_per_request", "joules_per_output_token", "intensity_g_per_kwh", "provisional", "avoided_grams",
 )  # fmt: skip
 
 

@@ -53,3 +53,71 @@ async def test_no_data_yet_is_the_fallback_held_flat(refused_url: str) -> None:
     async with running(provider):
         (window,) = forecast_of(provider, 10.0, 100.0)
     assert (window.g_per_kwh, window.estimated) == (TableIntensity("DEU").current().g_per_kwh, True)
+
+
+# Forecast shapes: WattTime OpenAPI (/v3/forecast, horizon_hours), NESO Carbon Intensity
+# API definition (/intensity/{from}/fw24h, /regional/intensity/{from}/fw24h/regionid/{id}),
+# Carbon Aware SDK clients (EmissionsForecastDTO.forecastData of /emissions/forecasts/current).
+
+
+async def test_watttime_forecast_asks_a_day_ahead_and_reaches_the_interface(fake_api: FakeApi) -> None:
+    from carbon_fakes import WT_PASS, WT_TOKEN, WT_USER
+    from carbon_recorded import wt_forecast, wt_login
+    from proxy.carbon.providers import WattTimeProvider
+
+    now = time.time()
+    start = now - now % 300
+    fake_api.script("/login", Reply(json=wt_login(WT_TOKEN)))
+    fake_api.script("/v3/forecast", Reply(json=wt_forecast("CAISO_NORTH", [(start + 300 * i, 1000.0 - 10 * i) for i in range(12)])))
+    provider = WattTimeProvider("CAISO_NORTH", Secret(WT_USER), Secret(WT_PASS), fallback=TableIntensity("USA"),
+                                base_url=f"{fake_api.url}/v3", login_url=f"{fake_api.url}/login", forecast=True, **FAST)
+    async with running(provider):
+        assert fake_api.hits("/v3/forecast")[0].query["horizon_hours"] == "24"
+        windows = forecast_of(provider, now, 3600.0)
+    assert len(windows) == 12 and all(w.estimated for w in windows)
+    assert windows[-1].g_per_kwh < windows[0].g_per_kwh
+
+
+async def test_ukgrid_forecast_reads_fw24h(fake_api: FakeApi) -> None:
+    from carbon_recorded import iso_minute_z, uk_national
+    from proxy.carbon.providers import UkGridProvider
+
+    now = time.time()
+    half = now - now % 1800
+    fake_api.script("/intensity", Reply(json=uk_national(half, 200, 190)))
+    ahead = {"data": [uk_national(half + 1800 * i, 200 - 20 * i, None)["data"][0] for i in range(4)]}
+    fake_api.script(f"/intensity/{iso_minute_z(half)}/fw24h", Reply(json=ahead))
+    provider = UkGridProvider(fallback=TableIntensity("GBR"), base_url=fake_api.url, forecast=True, **FAST)
+    async with running(provider):
+        windows = forecast_of(provider, now, 3 * 1800.0)
+    assert [w.g_per_kwh for w in windows] == [190, 180, 160, 140]  # the measured half hour, then forecasts
+    assert [w.estimated for w in windows] == [False, True, True, True]
+
+
+async def test_carbonaware_forecast_reads_forecast_data(fake_api: FakeApi) -> None:
+    from carbon_recorded import ca_bylocation, iso_dotnet
+    from proxy.carbon.providers import CarbonAwareSdkProvider
+
+    now = time.time()
+    fake_api.script("/emissions/bylocation", Reply(json=ca_bylocation("eastus", [(now - 60, 400.0)])))
+    fake_api.script("/emissions/forecasts/current", Reply(json=[{
+        "generatedAt": iso_dotnet(now - 30), "requestedAt": iso_dotnet(now), "location": "eastus", "windowSize": 5,
+        "optimalDataPoints": [{"location": "eastus", "timestamp": iso_dotnet(now + 600), "duration": 5, "value": 250.0}],
+        "forecastData": [{"location": "eastus", "timestamp": iso_dotnet(now + 300 * i), "duration": 5, "value": v}
+                         for i, v in ((1, 350.0), (2, 250.0), (3, -1))],
+    }]))
+    provider = CarbonAwareSdkProvider("eastus", base_url=fake_api.url, fallback=TableIntensity("azure:eastus"), forecast=True, **FAST)
+    async with running(provider):
+        assert fake_api.hits("/emissions/forecasts/current")[0].query == {"location": "eastus"}
+        windows = forecast_of(provider, now, 1200.0)
+    assert [w.g_per_kwh for w in windows] == [400.0, 350.0, 250.0]  # the -1 point is no value
+
+
+def test_forecast_is_a_setting_of_every_provider_that_publishes_one() -> None:
+    from proxy.carbon.factory import build_intensity_provider
+
+    env = {"ELECTRICITYMAPS_TOKEN": "t", "WATTTIME_USER": "u", "WATTTIME_PASSWORD": "p"}
+    for table in ({"provider": "electricitymaps", "zone": "DE"}, {"provider": "watttime", "zone": "CAISO_NORTH"},
+                  {"provider": "ukgrid", "region_id": 13}, {"provider": "carbonaware", "location": "eastus", "url": "http://127.0.0.1:1"}):
+        assert build_intensity_provider({**table, "forecast": True}, environ=env).fetch_forecast is True
+        assert build_intensity_provider(table, environ=env).fetch_forecast is False

@@ -4,7 +4,12 @@ The WebAPI is self-hosted in front of WattTime or Electricity Maps. Its docs giv
   GET /emissions/bylocation?location=eastus&time=2022-01-01T00:00:00Z&toTime=... ->
     [{"location": "eastus", "time": "2022-05-17T20:45:11.5092741+00:00",
       "rating": 70, "duration": "00:05:00"}]
-with `rating` in g/kWh. The WebAPI controller answers 204 No Content when it has no data
+with `rating` in g/kWh. With `forecast = true` it also asks
+  GET /emissions/forecasts/current?location=eastus ->
+    [{"generatedAt": ..., "location": "eastus", "windowSize": 5, "optimalDataPoints": [...],
+      "forecastData": [{"location": "eastus", "timestamp": "...", "duration": 5, "value": 326.8}]}]
+(EmissionsForecastDTO / EmissionsDataDTO of the SDK's OpenAPI clients; 501 where the data
+source has no forecasts). The WebAPI controller answers 204 No Content when it has no data
 for the location and time (no data: the last good value, then the table, polled again at
 the normal pace, not a malformed-response back-off), and writes `rating = -1` for a
 point without a value (the SDK's null): such points are skipped. Whether the signal is average or marginal depends on the data
@@ -13,6 +18,7 @@ source behind your WebAPI (WattTime: marginal), so `marginal` is a setting here.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from proxy.carbon.credentials import Secret
@@ -24,6 +30,8 @@ from proxy.carbon.providers.parsing import (
 )
 from proxy.carbon.providers.polling import IntensityPoint, NoData, PollingProvider
 from proxy.carbon.table import TableIntensity
+
+log = logging.getLogger("proxy.carbon.intensity")
 
 
 class CarbonAwareSdkProvider(PollingProvider):
@@ -44,6 +52,7 @@ class CarbonAwareSdkProvider(PollingProvider):
         fallback: TableIntensity,
         token: Secret | None = None,
         marginal: bool = False,
+        forecast: bool = False,
         **polling: Any,
     ) -> None:
         polling.setdefault("poll_seconds", self.DEFAULT_POLL_SECONDS)
@@ -53,6 +62,7 @@ class CarbonAwareSdkProvider(PollingProvider):
         self.marginal = marginal
         self._base_url = base_url.rstrip("/")
         self._token = token
+        self.fetch_forecast = forecast
 
     def secret_values(self) -> tuple[str, ...]:
         return (self._token.reveal(),) if self._token is not None else ()
@@ -65,7 +75,31 @@ class CarbonAwareSdkProvider(PollingProvider):
             "toTime": format_iso8601(now),
         }
         headers = {"Authorization": f"Bearer {self._token.reveal()}"} if self._token is not None else None
-        return parse_emissions(await self.get_json(f"{self._base_url}/emissions/bylocation", params=params, headers=headers))
+        points = parse_emissions(await self.get_json(f"{self._base_url}/emissions/bylocation", params=params, headers=headers))
+        if self.fetch_forecast and points:
+            newest = max(p.valid_from_unix for p in points)
+            try:
+                body = await self.get_json(f"{self._base_url}/emissions/forecasts/current", params={"location": self.location}, headers=headers)
+                ahead = parse_forecasts(body)
+            except Exception as exc:  # the forecast is a bonus; the measured value still counts
+                log.debug("carbonaware forecast for %s unavailable: %s", self.location, type(exc).__name__)
+            else:
+                points += [p for p in ahead if p.valid_from_unix > newest]
+        return points
+
+
+def parse_forecasts(body: Any) -> list[IntensityPoint]:
+    """forecastData of the first EmissionsForecastDTO, flagged estimated."""
+    if not isinstance(body, list) or not body or not isinstance(body[0], dict):
+        raise MalformedResponse("expected a JSON array of forecasts")
+    data = body[0].get("forecastData")
+    if not isinstance(data, list):
+        raise MalformedResponse("forecast without a 'forecastData' list")
+    return [
+        IntensityPoint(parse_iso8601(item.get("timestamp")), intensity_number(item.get("value"), "forecast value"), estimated=True)
+        for item in data
+        if isinstance(item, dict) and item.get("value") != -1
+    ]
 
 
 def parse_emissions(body: Any) -> list[IntensityPoint]:

@@ -49,6 +49,7 @@ class WattTimeProvider(PollingProvider):
     RESOLUTION_SECONDS = 300.0
     DEFAULT_POLL_SECONDS = 300.0
     DEFAULT_STALE_AFTER_SECONDS = 1800.0
+    FORECAST_HOURS = 24
     TOKEN_REFRESH_SECONDS = 25 * 60.0
     """Tokens live 30 minutes; renew a little early so a poll never uses an expiring one."""
 
@@ -62,6 +63,7 @@ class WattTimeProvider(PollingProvider):
         base_url: str = DEFAULT_URL,
         login_url: str = DEFAULT_LOGIN_URL,
         signal_type: str = "co2_moer",
+        forecast: bool = False,
         **polling: Any,
     ) -> None:
         polling.setdefault("poll_seconds", self.DEFAULT_POLL_SECONDS)
@@ -69,6 +71,8 @@ class WattTimeProvider(PollingProvider):
         super().__init__(zone_label=region, fallback=fallback, **polling)
         self.region = region
         self.signal_type = signal_type
+        self.fetch_forecast = forecast
+        """Ask for FORECAST_HOURS ahead (one request either way): proxy.carbon.forecast reads them."""
         self._username = username
         self._password = password
         self._base_url = base_url.rstrip("/")
@@ -105,7 +109,8 @@ class WattTimeProvider(PollingProvider):
         return self._token
 
     async def _data(self, token: Secret) -> Any:
-        params = {"region": self.region, "signal_type": self.signal_type, "horizon_hours": "0"}
+        horizon = str(self.FORECAST_HOURS) if self.fetch_forecast else "0"
+        params = {"region": self.region, "signal_type": self.signal_type, "horizon_hours": horizon}
         headers = {"Authorization": f"Bearer {token.reveal()}"}
         return await self.get_json(f"{self._base_url}/forecast", params=params, headers=headers)
 
