@@ -12,7 +12,7 @@ import orjson
 from proxy.receipts.postgres import Postgres
 from proxy.receipts.sqlite import _row_of
 
-from .fakes import make_receipt
+from receipts_fakes import make_receipt
 
 
 def report(*args: str) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ from proxy.receipts.postgres import Postgres
 from proxy.receipts.shipper import Shipper
 from proxy.receipts.sqlite import SqliteReceiptStore
 
-from .fakes import make_receipt
+from receipts_fakes import make_receipt
 
 
 async def test_route_and_avoided_grams_ship_into_a_table_made_before_them(tmp_path: Path, dsn: str) -> None:

@@ -24,7 +24,7 @@ from proxy.receipts.sqlite import SqliteReceiptStore
 from proxy.serve import Service
 
 
-from .fakes import finalize, make_receipt
+from receipts_fakes import finalize, make_receipt
 from .pg import Cluster
 
 CHAT = "/v1/chat/completions"

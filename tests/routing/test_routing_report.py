@@ -9,9 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-import sys
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "receipts"))
-from receipts_fakes import make_receipt  # noqa: E402
+from receipts_fakes import make_receipt
 
 from proxy.cli import main
 from proxy.receipts.sqlite import SqliteReceiptStore

@@ -1,4 +1,4 @@
-"""Receipts for the store, budget and report tests."""
+"""Receipts for the store, budget, report and fleet tests."""
 
 from __future__ import annotations
 
