@@ -17,6 +17,8 @@ import sqlite3
 import time
 from typing import TYPE_CHECKING, Any, Mapping
 
+from proxy.tasks import cancel_and_wait
+
 if TYPE_CHECKING:
     from proxy.attribution.engine import AttributionEngine
 
@@ -124,10 +126,6 @@ class StateKeeper:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
             self._task = None
         await self.save()

@@ -39,6 +39,7 @@ from typing import Any, Callable
 from proxy.budgets.config import Budget, BudgetConfig
 from proxy.budgets.ledger import Admission, Budgets, TenantState
 from proxy.receipts.postgres import Postgres, PostgresUnavailable
+from proxy.tasks import cancel_and_wait
 
 log = logging.getLogger("carbon_proxy.budgets")
 
@@ -118,11 +119,7 @@ class FleetBudgets(Budgets):
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
             self._task = None
         for state in self._tenants.values():
             state.reserved_grams = 0.0  # this replica holds nothing any more

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from proxy.meters.base import EnergySample, Meter, MeterError
+from proxy.tasks import cancel_and_wait
 
 log = logging.getLogger("carbon_proxy.meter")
 
@@ -72,11 +73,7 @@ class Sampler:
     async def close(self) -> None:
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ import time
 from proxy.sim.config import SimModelConfig
 from proxy.sim.engine import BatchEngine, SimSequence
 from proxy.sim.gpu import SimGpu
+from proxy.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,7 @@ class Scheduler:
         for seq in list(self.engine.active_sequences()):
             self.engine.cancel(seq, now)
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def generate(self, seq: SimSequence) -> SimSequence:
