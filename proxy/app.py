@@ -72,7 +72,9 @@ class ProxyServer:
         self._embodied_rate = embodied_g_per_device_second
         self.router = Router(config.upstreams, config.routing, default_intensity=intensity, default_pue=config.pue)
         self.tenancy = Tenancy(config.tenants)
-        self.forwarder = Forwarder(max_buffer_bytes=config.server.max_buffer_bytes)
+        self.forwarder = Forwarder(
+            max_buffer_bytes=config.server.max_buffer_bytes, client_write_seconds=config.server.client_write_seconds
+        )
         self.sampler: Sampler | None = None
         self.accountant: Accountant | None = None
         self.state_keeper: StateKeeper | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import AsyncIterator, Mapping, Protocol
+from typing import AsyncIterator, Callable, Mapping, Protocol
 
 import aiohttp
 import orjson
@@ -64,28 +64,55 @@ def json_error(status: int, kind: str, message: str, headers: Mapping[str, str] 
 
 
 class _Watchdog:
-    """Idle timeout without a timer per chunk: chunks only stamp a time; one timer re-arms."""
+    """Idle timeout without a timer per chunk: chunks only stamp a time; one timer re-arms.
 
-    def __init__(self, timeout_seconds: float, conn: Connection) -> None:
+    While `writing`, the time goes to the client instead: a write blocked longer than
+    `client_write_seconds` calls `cut_client` (a stuck reader must not hold the upstream)."""
+
+    def __init__(
+        self,
+        timeout_seconds: float,
+        conn: Connection,
+        client_write_seconds: float | None = None,
+        cut_client: Callable[[], None] | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self.clock = self._loop.time
         self._timeout = timeout_seconds
         self._conn = conn
+        self._client_write = client_write_seconds if cut_client is not None else None
+        self._cut_client = cut_client
         self.last = self._loop.time()
         self.writing = False
-        """True while the forwarder waits on the client: not the upstream's silence."""
+        """True while the forwarder waits on the client (since `last`): not the upstream's silence."""
         self.expired = False
-        self._handle = self._loop.call_at(self.last + timeout_seconds, self._check)
+        self.stalled = False
+        self._handle = self._loop.call_at(self._next_check(), self._check)
+
+    def _next_check(self) -> float:
+        if self.writing and self._client_write is not None:
+            return self.last + self._client_write
+        due = self.last + self._timeout
+        if self._client_write is not None:
+            # A write may start at any time: look again within one client_write period.
+            due = min(due, self._loop.time() + self._client_write)
+        return due
 
     def _check(self) -> None:
+        now = self._loop.time()
         if self.writing:
-            self.last = self._loop.time()
-        due = self.last + self._timeout
-        if self._loop.time() < due:
-            self._handle = self._loop.call_at(due, self._check)
+            if self._client_write is not None and now - self.last >= self._client_write:
+                self.stalled = True
+                assert self._cut_client is not None
+                self._cut_client()
+                return
+            if self._client_write is None:
+                self.last = now  # a slow client is not a silent upstream
+        elif now >= self.last + self._timeout:
+            self.expired = True
+            self._conn.abort(IdleTimeout(f"upstream went silent for {self._timeout:g} s"))
             return
-        self.expired = True
-        self._conn.abort(IdleTimeout(f"upstream went silent for {self._timeout:g} s"))
+        self._handle = self._loop.call_at(max(self._next_check(), now), self._check)
 
     def cancel(self) -> None:
         self._handle.cancel()
@@ -94,8 +121,9 @@ class _Watchdog:
 class Forwarder:
     """Forwards requests over a keep-alive pool of upstream connections."""
 
-    def __init__(self, *, max_buffer_bytes: int) -> None:
+    def __init__(self, *, max_buffer_bytes: int, client_write_seconds: float | None = None) -> None:
         self._max_buffer_bytes = max_buffer_bytes
+        self._client_write_seconds = client_write_seconds
         self.pool = Pool()
         self.drain_deadline: float | None = None
         """Loop time at which a stopping server cuts what is still open (`shutdown`)."""
@@ -219,7 +247,9 @@ class Forwarder:
         if request.version >= aiohttp.HttpVersion11:
             response.enable_chunked_encoding()
         await response.prepare(request)
-        watchdog = _Watchdog(timeouts.idle_seconds, upstream)
+        transport = request.transport
+        cut_client = transport.abort if transport is not None else None
+        watchdog = _Watchdog(timeouts.idle_seconds, upstream, self._client_write_seconds, cut_client)
         # Per chunk (the hot loop of every stream): bound methods and the watchdog stamp inlined.
         feed = exchange.feed
         write = response.write
@@ -227,14 +257,23 @@ class Forwarder:
         clock = watchdog.clock
         try:
             if prefix:
+                watchdog.writing = True
                 await write(feed(prefix))
+                watchdog.writing = False
             while chunk := await read():
                 out = feed(chunk)
                 if out:
+                    watchdog.last = clock()
                     watchdog.writing = True  # a slow client is not a silent upstream
                     await write(out)
                     watchdog.writing = False
                 watchdog.last = clock()
+            tail = await exchange.finish()
+            watchdog.last = clock()
+            watchdog.writing = True
+            if tail:
+                await write(tail)
+            await response.write_eof()
         except TransportError:
             # Headers are gone already: cut the connection so the client sees a broken
             # stream rather than a clean end that would pass for a complete answer.
@@ -243,10 +282,12 @@ class Forwarder:
             if request.transport is not None:
                 request.transport.close()
             return response
+        except BaseException:
+            if watchdog.stalled:
+                # The client read nothing for client_write_seconds: it was cut (and with it
+                # the upstream call); the work done so far is accounted.
+                exchange.failed("client_stalled")
+            raise
         finally:
             watchdog.cancel()
-        tail = await exchange.finish()
-        if tail:
-            await response.write(tail)
-        await response.write_eof()
         return response

@@ -18,8 +18,9 @@ from proxy.build import build_embodied_rates, build_intensity, build_receipts, r
 from proxy.carbon.intensity import IntensityProvider
 from proxy.config import Config
 from proxy.meters.base import Meter
-from proxy.public_errors import JsonErrorServer
 from proxy.receipts.model import ReceiptStore
+from proxy.server.aiohttp_guard import GuardedServer
+from proxy.server.connections import ConnectionGuard, ConnectionsCollector
 
 log = logging.getLogger("carbon_proxy")
 
@@ -74,6 +75,7 @@ class Service:
             config, meter=meter, intensity=intensity, receipts=receipts, embodied_g_per_device_second=build_embodied_rates(config)
         )
         self.probe = UpstreamProbe(config)
+        self.connections = ConnectionGuard(config.server.max_connections)
         self._public: web.ServerRunner | None = None
         self._admin: web.AppRunner | None = None
         self.public_port: int = 0
@@ -87,7 +89,14 @@ class Service:
         self._install_telemetry()
         server = self.config.server
         # The low-level server: no router or middleware on the per-request path.
-        low_level = JsonErrorServer(self.proxy.handle, handler_cancellation=True, access_log=None)
+        low_level = GuardedServer(
+            self.proxy.handle,
+            guard=self.connections,
+            header_read_seconds=server.header_read_seconds,
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=server.keepalive_seconds,
+        )
         self._public = web.ServerRunner(low_level, shutdown_timeout=server.drain_seconds, handle_signals=False)
         await self._public.setup()
         site = web.TCPSite(self._public, server.listen.host, server.listen.port, backlog=4096, reuse_address=True)
@@ -105,6 +114,7 @@ class Service:
         except ImportError:
             return
         install_metrics(self.proxy, self.registry)
+        self.registry.register(ConnectionsCollector(self.connections))
 
     def _install_telemetry(self) -> None:
         from proxy.telemetry import parse_telemetry  # imports no OpenTelemetry

@@ -1,0 +1,1 @@
+"""The public-side HTTP server: connection limits and timeouts against hostile clients."""
