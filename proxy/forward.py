@@ -12,13 +12,12 @@ import asyncio
 import enum
 from typing import AsyncIterator, Callable, Mapping, Protocol
 
-import aiohttp
 import orjson
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Timeouts
 from proxy.headers import client_response_headers
+from proxy.server.messages import Reply, Request
 from proxy.transport import Connection, ConnectFailed, ConnectTimeout, FirstByteTimeout, IdleTimeout, Pool, TransportError, origin_of
 
 
@@ -57,10 +56,10 @@ class UpstreamError(Exception):
         self.message = message
 
 
-def json_error(status: int, kind: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+def json_error(status: int, kind: str, message: str, headers: Mapping[str, str] | None = None) -> Reply:
     """An OpenAI-style error body: every client library already knows how to show it."""
     body = orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+    return Reply(status, body, {"Content-Type": "application/json", **(headers or {})})
 
 
 class _Watchdog:
@@ -136,7 +135,7 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.BaseRequest,
+        request: Request,
         *,
         upstream_url: str,
         target: str,
@@ -145,7 +144,7 @@ class Forwarder:
         timeouts: Timeouts,
         exchange: Exchange,
         extra_headers: Mapping[str, str],
-    ) -> web.StreamResponse:
+    ) -> Reply | None:
         upstream: Connection | None = None
         try:
             try:
@@ -188,12 +187,12 @@ class Forwarder:
 
     async def _buffered(
         self,
-        request: web.BaseRequest,
+        request: Request,
         upstream: Connection,
         timeouts: Timeouts,
         exchange: Exchange,
         extra_headers: Mapping[str, str],
-    ) -> web.StreamResponse:
+    ) -> Reply | None:
         if upstream.complete:
             # The whole body came with the head (small answers do): nothing can stall,
             # so no idle watchdog (a timer per request) is needed to read it.
@@ -224,35 +223,31 @@ class Forwarder:
     @staticmethod
     async def _send_buffered(
         upstream: Connection, body: bytes, exchange: Exchange, extra_headers: Mapping[str, str]
-    ) -> web.StreamResponse:
+    ) -> Reply | None:
         figures = await exchange.complete(body)
         headers = client_response_headers(upstream.headers, reframed=True)
         headers.update(extra_headers)
         headers.update(figures)
-        return web.Response(status=upstream.status, reason=upstream.reason or None, body=body, headers=headers)
+        return Reply(upstream.status, body, headers.items(), upstream.reason or None)
 
     async def _streamed(
         self,
-        request: web.BaseRequest,
+        request: Request,
         upstream: Connection,
         timeouts: Timeouts,
         exchange: Exchange,
         extra_headers: Mapping[str, str],
         prefix: bytes = b"",
-    ) -> web.StreamResponse:
+    ) -> Reply | None:
         # The proxy may append figures, so it frames the body itself (chunked).
         headers = client_response_headers(upstream.headers, reframed=True)
         headers.update(extra_headers)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None, headers=headers)
-        if request.version >= aiohttp.HttpVersion11:
-            response.enable_chunked_encoding()
-        await response.prepare(request)
-        transport = request.transport
-        cut_client = transport.abort if transport is not None else None
+        request.start_stream(upstream.status, headers.items(), upstream.reason or None)
+        cut_client = request.abort
         watchdog = _Watchdog(timeouts.idle_seconds, upstream, self._client_write_seconds, cut_client)
         # Per chunk (the hot loop of every stream): bound methods and the watchdog stamp inlined.
         feed = exchange.feed
-        write = response.write
+        write = request.write
         read = upstream.read
         clock = watchdog.clock
         try:
@@ -273,15 +268,13 @@ class Forwarder:
             watchdog.writing = True
             if tail:
                 await write(tail)
-            await response.write_eof()
+            await request.write_eof()
         except TransportError:
             # Headers are gone already: cut the connection so the client sees a broken
             # stream rather than a clean end that would pass for a complete answer.
             exchange.failed("upstream_timeout" if watchdog.expired else "upstream_broken")
-            response.force_close()
-            if request.transport is not None:
-                request.transport.close()
-            return response
+            request.abort()
+            return None
         except BaseException:
             if watchdog.stalled:
                 # The client read nothing for client_write_seconds: it was cut (and with it
@@ -290,4 +283,4 @@ class Forwarder:
             raise
         finally:
             watchdog.cancel()
-        return response
+        return None

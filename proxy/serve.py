@@ -19,8 +19,9 @@ from proxy.carbon.intensity import IntensityProvider
 from proxy.config import Config
 from proxy.meters.base import Meter
 from proxy.receipts.model import ReceiptStore
-from proxy.server.aiohttp_guard import GuardedServer
 from proxy.server.connections import ConnectionGuard, ConnectionsCollector
+from proxy.server.protocol import Limits
+from proxy.server.public import PublicServer
 
 log = logging.getLogger("carbon_proxy")
 
@@ -76,7 +77,7 @@ class Service:
         )
         self.probe = UpstreamProbe(config)
         self.connections = ConnectionGuard(config.server.max_connections)
-        self._public: web.ServerRunner | None = None
+        self._public: PublicServer | None = None
         self._admin: web.AppRunner | None = None
         self.public_port: int = 0
         self.admin_port: int = 0
@@ -88,20 +89,10 @@ class Service:
         self._install_metrics()
         self._install_telemetry()
         server = self.config.server
-        # The low-level server: no router or middleware on the per-request path.
-        low_level = GuardedServer(
-            self.proxy.handle,
-            guard=self.connections,
-            header_read_seconds=server.header_read_seconds,
-            handler_cancellation=True,
-            access_log=None,
-            keepalive_timeout=server.keepalive_seconds,
-        )
-        self._public = web.ServerRunner(low_level, shutdown_timeout=server.drain_seconds, handle_signals=False)
-        await self._public.setup()
-        site = web.TCPSite(self._public, server.listen.host, server.listen.port, backlog=4096, reuse_address=True)
-        await site.start()
-        self.public_port = _bound_port(self._public)
+        # The lean HTTP/1.1 server (proxy.server): no framework on the per-request path.
+        limits = Limits(header_read_seconds=server.header_read_seconds, keepalive_seconds=server.keepalive_seconds)
+        self._public = PublicServer(self.proxy.handle, guard=self.connections, limits=limits)
+        self.public_port = await self._public.start(server.listen.host, server.listen.port)
         admin_app = create_admin_app(self.proxy, self.registry, upstreams_ok=self.probe.check)
         self._admin = web.AppRunner(admin_app, access_log=None, handle_signals=False)
         await self._admin.setup()
@@ -130,7 +121,7 @@ class Service:
         loop = asyncio.get_running_loop()
         self.proxy.forwarder.drain_deadline = loop.time() + self.config.server.drain_seconds
         if self._public is not None:
-            await self._public.cleanup()
+            await self._public.stop(self.config.server.drain_seconds)
         await self.proxy.stop()
         if self._admin is not None:
             await self._admin.cleanup()
