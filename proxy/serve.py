@@ -20,6 +20,7 @@ from proxy.config import Config
 from proxy.meters.base import Meter
 from proxy.receipts.model import ReceiptStore
 from proxy.server.connections import ConnectionGuard, ConnectionsCollector
+from proxy.server.gc_tuning import tune_for_serving
 from proxy.server.protocol import Limits
 from proxy.server.public import PublicServer
 
@@ -147,6 +148,7 @@ async def run_until_signal(service: Service) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await service.start()
+    tune_for_serving()
     log.info(
         "carbon-proxy listening on http://%s (admin http://%s)", service.config.server.listen, service.config.server.admin_listen
     )
