@@ -1,4 +1,4 @@
-"""The proxy's data path with no metering: aiohttp's low-level server and
+"""The proxy's data path with no metering: the public server (proxy.server) and
 proxy.forward.Forwarder over the same transport, with an exchange that only passes bytes.
 
 A reference for bench/overhead.py: what forwarding alone costs in one Python process,
@@ -19,12 +19,15 @@ from typing import Mapping
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import uvloop  # noqa: E402
-from aiohttp import web  # noqa: E402
 from multidict import CIMultiDictProxy  # noqa: E402
 
 from proxy.config import Timeouts  # noqa: E402
 from proxy.forward import BodyMode, Forwarder  # noqa: E402
 from proxy.headers import upstream_request_headers  # noqa: E402
+from proxy.server.connections import ConnectionGuard  # noqa: E402
+from proxy.server.messages import Reply, Request  # noqa: E402
+from proxy.server.protocol import Limits  # noqa: E402
+from proxy.server.public import PublicServer  # noqa: E402
 
 
 class PassThrough:
@@ -51,26 +54,24 @@ async def main(port: int, upstream: str) -> None:
     forwarder = Forwarder(max_buffer_bytes=8 << 20)
     timeouts = Timeouts()
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(request: Request) -> Reply | None:
         if request.path == "/health":
-            return web.Response(text="ok")
+            return Reply(200, b"ok")
         headers = upstream_request_headers(request.headers, client_ip=None, scheme="http", request_id="-", trust_forwarded=False)
-        body = await request.read() if request.body_exists else None
+        body = await request.body.read() if request.body is not None else None
         return await forwarder.forward(
             request, upstream_url=upstream, target=request.raw_path, headers=headers, body=body,
             timeouts=timeouts, exchange=PassThrough(), extra_headers={},
         )  # fmt: skip
 
-    runner = web.ServerRunner(web.Server(handle, handler_cancellation=True, access_log=None), handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+    server = PublicServer(handle, guard=ConnectionGuard(), limits=Limits())
+    await server.start("127.0.0.1", port)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
-    await runner.cleanup()
+    await server.stop(1.0)
     await forwarder.close()
-
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,44 +1,38 @@
 """Proxy overhead: the same load against the sim model server directly and through the
 proxy, in one run (DESIGN.md section 9), printed as Markdown tables.
 
-Processes (each its own event loop): the sim model server (`python -m proxy.sim
---tokens-per-second 50 --max-batch 4096 --prefill-seconds-per-token 0.00001`, replies as
-long as max_tokens asks), the proxy (`python -m proxy serve`, scrape meter on the sim's
-DCGM-format /metrics, receipts in memory or with `--receipts sqlite` the default durable
-store), two references: the bare data path (bench/_bare.py: the proxy's forwarder with
-no metering, so the table separates the cost of a Python process hop from the cost of
-metering) and nginx when installed (one worker, keep-alive upstream pool, no Python), and
-the load generator
-(bench/_loadgen.py: aiohttp client, pooled keep-alive connector, uvloop). This process
-only orchestrates and samples /proc.
+Two rigs, one after the other:
 
-Phases, direct and proxy alternating within each repetition (so drift and other load on
-the machine hit both alike):
+1. request rate and latency (bench/_wrk.py): `wrk` (a C load generator, one thread)
+   against a fast upstream (nginx, one worker, answering a fixed OpenAI-shaped chat
+   completion), so each target is the bottleneck: the upstream alone (`direct`), nginx as
+   a reverse proxy (one worker, keep-alive pool), the bare data path (bench/_bare.py: the
+   proxy's forwarder with no metering: the cost of one Python process hop) and
+   carbon-proxy (`python -m proxy serve`, scrape meter on the upstream's static
+   DCGM-format /metrics, receipts in memory or with `--receipts sqlite` the default
+   durable store). Saturation (wrk -c32) and moderate load (wrk -c1: no queueing, each
+   request's latency is the path's own time): requests/s, p50/p99, ratios to nginx and
+   direct, added p50.
+2. streaming: the sim model server (`python -m proxy.sim`, paced at 50 tokens/s), N
+   concurrent chat streams (default 200) from the Python load generator (bench/_loadgen.py),
+   each slot starting a new stream when its stream ends. Added time to first token and
+   inter-token delay, the proxy's CPU per 1k chunks/s and RSS per open stream.
 
-1. non-streaming, open loop: requests started at a fixed rate (default 200/s) whatever
-   the answers do; chat completions with max_tokens=1 (the sim answers after one short
-   prefill step, so the latency is mostly the HTTP path being measured). Added p50/p99.
-2. streaming: N concurrent chat streams (default 200) paced by the sim at 50 tokens/s,
-   each slot starting a new stream when its stream ends. Added time to first token
-   (p50/p99) and added inter-token delay (p99 of the gaps between token-bearing reads),
-   plus the proxy's CPU per 1k chunks/s and RSS per open stream.
-3. saturation, closed loop: C workers (default 64) each sending its next request when the
-   last one answered: requests/s direct, through the references, through the proxy.
-
-It ends with one table: issue #8's goals against this run's figures for the proxy.
+It ends with one table: the goals against this run's figures for the proxy.
 
 With `--litellm PATH` (the `litellm` script of a venv holding `litellm[proxy]`, kept out of
-this project's venv), LiteLLM's proxy, pointed at the same sim (one worker, no database),
-joins phases 1 and 3 as the peer users would pick instead: the tables then give the
-proxy/LiteLLM ratios (issue #8's goal: peak requests/s >= 5x LiteLLM's).
+this project's venv), LiteLLM's proxy, pointed at the same fast upstream (one worker, no
+database), joins the wrk phases.
 
-    .venv/bin/python bench/overhead.py            # about 2 minutes
+    .venv/bin/python bench/overhead.py            # about 3 minutes
     .venv/bin/python bench/overhead.py --quick    # a few-second smoke run
-    .venv/bin/python bench/overhead.py --streams 2000 --skip-nonstream --skip-saturation
+    .venv/bin/python bench/overhead.py --streams 2000 --skip-wrk
     .venv/bin/python bench/overhead.py --compare-tree /tmp/before   # before/after in one run
     .venv/bin/python bench/overhead.py --profile /tmp/prof          # py-spy each proxy phase
-    python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'
-    .venv/bin/python bench/overhead.py --skip-streams --litellm /tmp/litellm-venv/bin/litellm
+
+Pinning (default on a machine with 2 or more CPUs, `--pin A:B` to choose, `--no-pin` to
+turn off): wrk and the fast upstream (or the sim and the Python generator) on CPUs A,
+the target under test on CPUs B, so a target has a core of its own.
 
 On a small machine the generator, the sim and the proxy share cores: the CPU columns say
 who was busy, and `other load` how much CPU processes outside the benchmark took.
@@ -62,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import _loadgen  # noqa: E402
+import _wrk  # noqa: E402
 from _common import (  # noqa: E402
     ROOT,
     Child,
@@ -171,26 +166,24 @@ class Rig:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/overhead.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few-second smoke run (numbers are only indicative)")
-    p.add_argument("--rate", type=float, default=200.0, help="non-streaming open-loop rate, requests/s")
-    p.add_argument("--seconds", type=float, default=8.0, help="non-streaming phase length")
-    p.add_argument("--reps", type=int, default=3, help="repetitions of the non-streaming phases")
+    p.add_argument("--wrk-seconds", type=float, default=5.0, help="length of each wrk run")
+    p.add_argument("--wrk-reps", type=int, default=3, help="repetitions of the wrk phases per target")
+    p.add_argument("--connections", type=int, default=32, help="wrk connections at saturation")
+    p.add_argument("--moderate-connections", type=int, default=1, help="wrk connections at moderate load")
     p.add_argument("--streams", type=int, default=200, help="concurrent streams")
     p.add_argument("--stream-tokens", type=int, default=100, help="max_tokens of each stream")
     p.add_argument("--stream-seconds", type=float, default=6.0)
     p.add_argument("--stream-reps", type=int, default=2)
     p.add_argument("--tokens-per-second", type=float, default=50.0, help="the sim's decode speed per stream")
-    p.add_argument("--concurrency", type=int, default=64, help="closed-loop workers at saturation")
-    p.add_argument("--sat-seconds", type=float, default=5.0)
-    p.add_argument("--sat-reps", type=int, default=2)
     p.add_argument("--meter", choices=("scrape", "estimate"), default="scrape")
     p.add_argument("--receipts", choices=("memory", "sqlite"), default="memory",
                    help="sqlite: the default config's durable store (each response waits for its receipt's group commit)")
-    p.add_argument("--no-nginx", action="store_true", help="skip the nginx reference even when installed")
-    p.add_argument("--pin", metavar="A:B", help="CPU affinity: sim and load generator on CPUs A, each proxy on CPUs B (e.g. 0:1)")
+    p.add_argument("--no-nginx", action="store_true", help="skip the nginx reverse proxy reference")
+    p.add_argument("--pin", metavar="A:B", help="CPU affinity: load (wrk, upstream, sim, generator) on CPUs A, each target on CPUs B")
+    p.add_argument("--no-pin", action="store_true", help="no CPU affinity (the default pins 0:1 on 2+ CPUs)")
     p.add_argument("--no-bare", action="store_true", help="skip the bare data path reference (forwarding without metering)")
-    p.add_argument("--skip-nonstream", action="store_true")
+    p.add_argument("--skip-wrk", action="store_true", help="skip the request-rate and latency phases")
     p.add_argument("--skip-streams", action="store_true")
-    p.add_argument("--skip-saturation", action="store_true")
     p.add_argument("--compare-tree", metavar="DIR", type=Path,
                    help="also run the proxy from another source tree (DIR/proxy), e.g. a checkout before a change")
     p.add_argument("--litellm", metavar="PATH",
@@ -198,9 +191,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", metavar="PREFIX", help="py-spy record each proxy phase to PREFIX-<phase>.txt (collapsed stacks)")
     args = p.parse_args(argv)
     if args.quick:
-        args.rate, args.seconds, args.reps = min(args.rate, 100.0), 1.5, 1
+        args.wrk_seconds, args.wrk_reps = 2, 1
         args.streams, args.stream_tokens, args.stream_seconds, args.stream_reps = min(args.streams, 20), 20, 1.5, 1
-        args.concurrency, args.sat_seconds, args.sat_reps = min(args.concurrency, 16), 1.5, 1
+    if args.pin is None and not args.no_pin and (os.cpu_count() or 1) >= 2:
+        args.pin = "0:1"
+    if args.no_pin:
+        args.pin = None
+    if not args.skip_wrk and (_wrk.wrk_binary() is None or _wrk.nginx_binary() is None):
+        p.error("the request-rate phases need wrk and nginx (Debian: wrk, nginx-light); or pass --skip-wrk")
     if args.profile and not (shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy").exists()):
         p.error("--profile needs py-spy (pip install py-spy into the venv)")
     if args.compare_tree is not None and not (args.compare_tree / "proxy" / "__init__.py").is_file():
@@ -223,15 +221,6 @@ def setup(args: argparse.Namespace, workdir: Path) -> Rig:
             receipts = str(workdir / f"{name}-receipts.db") if args.receipts == "sqlite" else ":memory:"
             proxies[name] = start_proxy(workdir, ports[name], free_port(), ports["direct"], meter=args.meter, name=name, tree=tree,
                                         receipts=receipts)  # fmt: skip
-        if not args.no_nginx and not (args.skip_saturation and args.skip_nonstream):
-            ports["nginx"] = free_port()
-            nginx = start_nginx(workdir, ports["nginx"], ports["direct"])
-        if not args.no_bare and not (args.skip_saturation and args.skip_nonstream):
-            ports["bare"] = free_port()
-            bare = start_bare(workdir, ports["bare"], ports["direct"])
-        if args.litellm and not (args.skip_saturation and args.skip_nonstream):
-            ports["litellm"] = free_port()
-            litellm = start_litellm(workdir, ports["litellm"], ports["direct"], args.litellm)
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         gen = ctx.Process(target=_loadgen.serve, args=(child,), name="loadgen", daemon=True)
@@ -246,6 +235,67 @@ def setup(args: argparse.Namespace, workdir: Path) -> Rig:
                 c.stop()
         raise
     return Rig(workdir, sim, proxies, nginx, bare, litellm, ports, gen, parent, profile=args.profile)
+
+
+def wrk_phases(args: argparse.Namespace, workdir: Path) -> tuple[list[str], list[tuple[str, str, bool | None]]]:
+    """The request-rate and latency rig (bench/_wrk.py): its own processes, torn down after."""
+    upstream_port = free_port()
+    children: list[Child] = []
+    try:
+        upstream = _wrk.start_fast_upstream(workdir / "fast-upstream", upstream_port)
+        children.append(upstream)
+        targets = [_wrk.Target("direct", upstream_port, None)]
+        if not args.no_nginx:
+            port = free_port()
+            nginx = start_nginx(_subdir(workdir, "nginx"), port, upstream_port)
+            if nginx is not None:
+                children.append(nginx)
+                targets.append(_wrk.Target("nginx", port, nginx))
+        if not args.no_bare:
+            port = free_port()
+            bare = start_bare(_subdir(workdir, "bare"), port, upstream_port)
+            children.append(bare)
+            targets.append(_wrk.Target("bare", port, bare))
+        trees = [("proxy", ROOT)] + ([("baseline", args.compare_tree.resolve())] if args.compare_tree else [])
+        for name, tree in trees:
+            port = free_port()
+            receipts = str(workdir / f"wrk-{name}-receipts.db") if args.receipts == "sqlite" else ":memory:"
+            child = start_proxy(_subdir(workdir, f"wrk-{name}"), port, free_port(), upstream_port, meter=args.meter, name=name,
+                                tree=tree, receipts=receipts)  # fmt: skip
+            children.append(child)
+            targets.append(_wrk.Target(name, port, child))
+        if args.litellm:
+            port = free_port()
+            litellm = start_litellm(_subdir(workdir, "litellm"), port, upstream_port, args.litellm)
+            children.append(litellm)
+            targets.append(_wrk.Target("litellm", port, litellm))
+        load_cpus: set[int] | None = None
+        pinning = "Not pinned."
+        if args.pin:
+            load_cpus, target_cpus = ({int(c) for c in part.split(",")} for part in args.pin.split(":"))
+            _set_affinity(upstream.pid, load_cpus)
+            for target in targets:
+                if target.child is not None:
+                    _set_affinity(target.child.pid, target_cpus)
+            pinning = (f"Pinned: wrk and the fast upstream on CPU {args.pin.split(':')[0]}, "
+                       f"the target on CPU {args.pin.split(':')[1]} (direct: wrk and the upstream share their CPU).")  # fmt: skip
+        per = _wrk.measure(targets, workdir=workdir, reps=args.wrk_reps, seconds=args.wrk_seconds, connections=args.connections,
+                           moderate_connections=args.moderate_connections, load_cpus=load_cpus)  # fmt: skip
+        return _wrk.table(per, connections=args.connections, moderate_connections=args.moderate_connections,
+                          seconds=args.wrk_seconds, reps=args.wrk_reps, pinning=pinning)  # fmt: skip
+    except BaseException:
+        for child in children:
+            sys.stderr.write(f"--- {child.name} log ---\n{child.log_tail()}\n")
+        raise
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+def _subdir(workdir: Path, name: str) -> Path:
+    path = workdir / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _pin(spec: str, load: dict[str, int], proxies: dict[str, int | None]) -> None:
@@ -316,75 +366,6 @@ def _title(target: str) -> str:
 
 
 # -- phases ---------------------------------------------------------------------------------
-
-
-def nonstream(rig: Rig, args: argparse.Namespace) -> list[str]:
-    peers = rig.references + rig.peers
-    targets = ["direct", *rig.proxied, *peers]
-    keys = ("p50", "p90", "p99", "rate", "late99")
-    per = {t: {k: [] for k in keys} for t in targets}
-    added = {t: {"p50": [], "p90": [], "p99": []} for t in rig.proxied + peers}
-    usages: dict[str, list[Usage]] = {t: [] for t in targets}
-    conns: dict[str, list[str]] = {t: [] for t in rig.proxied + peers}
-    errors = 0
-    for rep in range(args.reps):
-        for target in order(targets, rep):
-            result, usage = rig.run("open_loop", target, f"nonstream-{target}-{rep}", rate=args.rate, seconds=args.seconds)
-            lat = result["latencies"]
-            errors += result["errors"]
-            for q in (50, 90, 99):
-                per[target][f"p{q}"].append(percentile(lat, q) * MS)
-            per[target]["rate"].append(len(lat) / result["elapsed"])
-            per[target]["late99"].append(percentile(result["late"], 99) * MS)
-            usages[target].append(usage)
-            if target in conns:
-                conns[target].append(f"{usage.opened[target]} opened/{usage.held[target]} held")
-        for t in rig.proxied + peers:
-            for k in added[t]:
-                added[t][k].append(per[t][k][-1] - per["direct"][k][-1])
-    if "proxy" in added:
-        refs = ", ".join(f"{_title(t)} {median(added[t]['p50']):+.3f}" for t in rig.references)
-        p50, p99 = median(added["proxy"]["p50"]), median(added["proxy"]["p99"])
-        rig.goals += [
-            (f"non-streaming added p50 <= 0.5 ms at {args.rate:g} req/s", f"{p50:+.3f} ms" + (f" ({refs})" if refs else ""), p50 <= 0.5),
-            ("non-streaming added p99 <= 2 ms", f"{p99:+.3f} ms (direct p99 alone: {spread(per['direct']['p99'])} ms)", p99 <= 2.0),
-        ]
-    lines = [
-        f"### Non-streaming: open loop at {args.rate:g} req/s, {args.seconds:g} s x {args.reps} rep(s) per target",
-        "",
-        "Chat completions with max_tokens=1 (the sim answers after one short prefill step), started on a fixed "
-        "schedule whatever the answers do. Latency: request handed to the client to last body byte. "
-        "Values: median of repetitions (min..max).",
-        "",
-    ]
-    lines += added_table(rig, per, added, [
-        ("latency p50 (ms)", "p50", "{:.3f}"), ("latency p90 (ms)", "p90", "{:.3f}"), ("latency p99 (ms)", "p99", "{:.3f}"),
-        ("achieved req/s", "rate", "{:.0f}"), ("generator start lateness p99 (ms)", "late99", "{:.2f}"),
-    ])  # fmt: skip
-    lines += _usage_rows(rig, usages, targets)
-    lines += [
-        "",
-        f"Errors: {errors}. Upstream connections per phase ({int(args.rate * args.seconds)} requests each; "
-        "sampled every 0.1 s; one is the meter's /metrics scrape): "
-        + "; ".join(f"{_title(t)} {', '.join(conns[t])}" for t in rig.proxied + peers) + ".",
-        "",
-    ]
-    for peer in peers:
-        for t in rig.proxied:
-            ratio = {k: [a / b if b > 0 else float("nan") for a, b in zip(added[peer][k], added[t][k])] for k in ("p50", "p99")}
-            lines.append(
-                f"{_title(peer)} adds **{spread(ratio['p50'], '{:.1f}')}x** the {_title(t)}'s p50 latency and "
-                f"**{spread(ratio['p99'], '{:.1f}')}x** its p99 (per repetition, added over added); {_title(peer)} "
-                f"achieved {spread(per[peer]['rate'], '{:.0f}')} of {args.rate:g} req/s asked.  "
-            )
-        if median(per[peer]["rate"]) < 0.95 * args.rate:
-            lines.append(
-                f"{_title(peer)} could not keep up with {args.rate:g} req/s: its latency above is mostly queueing. "
-                "For a like-for-like latency comparison rerun with --rate below its saturation peak.  "
-            )
-    if peers:
-        lines.append("")
-    return lines
 
 
 def _usage_rows(rig: Rig, usages: dict[str, list[Usage]], targets: list[str]) -> list[str]:
@@ -477,65 +458,13 @@ def streaming(rig: Rig, args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def saturation(rig: Rig, args: argparse.Namespace) -> list[str]:
-    targets = ["direct", *rig.proxied, *rig.references, *rig.peers]
-    rates: dict[str, list[float]] = {t: [] for t in targets}
-    p50: dict[str, list[float]] = {t: [] for t in targets}
-    usages: dict[str, list[Usage]] = {t: [] for t in targets}
-    ratios: dict[str, dict[str, list[float]]] = {t: {"direct": [], "nginx": [], "litellm": []} for t in rig.proxied}
-    errors = 0
-    for rep in range(args.sat_reps):
-        for target in order(targets, rep):
-            result, usage = rig.run("closed_loop", target, f"saturation-{target}-{rep}", concurrency=args.concurrency,
-                                    seconds=args.sat_seconds)  # fmt: skip
-            errors += result["errors"]
-            rates[target].append(len(result["latencies"]) / result["elapsed"])
-            p50[target].append(percentile(result["latencies"], 50) * MS)
-            usages[target].append(usage)
-        for t in rig.proxied:
-            for ref in ("direct", "nginx", "litellm"):
-                if ref in rates and rates[ref][-1] > 0:
-                    ratios[t][ref].append((1.0 if ref == "litellm" else 100.0) * rates[t][-1] / rates[ref][-1])
-    if "proxy" in ratios:
-        if ratios["proxy"]["nginx"]:
-            share = median(ratios["proxy"]["nginx"])
-            rig.goals.append(("peak requests/s >= 40% of nginx's", f"{share:.0f} % ({median(rates['proxy']):.0f} req/s)", share >= 40.0))
-        if ratios["proxy"]["litellm"]:
-            times = median(ratios["proxy"]["litellm"])
-            rig.goals.append(("peak requests/s >= 5x LiteLLM's", f"{times:.1f}x", times >= 5.0))
-    lines = [
-        f"### Saturation: closed loop, {args.concurrency} workers, {args.sat_seconds:g} s x {args.sat_reps} rep(s) per target",
-        "",
-        "Non-streaming chat completions (max_tokens=1), each worker sending its next request when the last one "
-        "answered. CPU: % of one core during the phase.",
-        "",
-        "| target | requests/s | p50 latency (ms) | CPU generator / sim / target |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    for t in targets:
-        lines.append(f"| {_title(t)} | {spread(rates[t], '{:.0f}')} | {spread(p50[t])} | {cpu_cell(usages[t], rig, t)} |")
-    lines.append("")
-    for t in rig.proxied:
-        text = f"{_title(t).capitalize()} peak = **{spread(ratios[t]['direct'], '{:.0f}')} %** of direct"
-        text += f", **{spread(ratios[t]['nginx'], '{:.0f}')} %** of nginx." if ratios[t]["nginx"] else " (nginx not installed: no reference)."
-        if ratios[t]["litellm"]:
-            goal = "met" if median(ratios[t]["litellm"]) >= 5.0 else "NOT met"
-            text += f" **{spread(ratios[t]['litellm'], '{:.1f}')}x** LiteLLM's peak (issue #8 goal >= 5x: {goal})."
-        lines.append(text + "  ")
-    lines += [
-        f"Errors: {errors}. Other load on the machine: {other_load([u for t in targets for u in usages[t]])} cores.",
-        "",
-    ]
-    return lines
-
-
-def goals_table(rig: Rig) -> list[str]:
-    """The issue #8 goals against this run's figures for the proxy, in one table."""
-    if not rig.goals:
+def goals_table(goals: list[tuple[str, str, bool | None]]) -> list[str]:
+    """The goals (issues #8 and #13) against this run's figures for the proxy, in one table."""
+    if not goals:
         return []
     verdict = {True: "met", False: "**not met**", None: ""}
-    lines = ["### Goals (issue #8), this run", "", "| goal | measured (proxy) | |", "| --- | --- | --- |"]
-    lines += [f"| {goal} | {measured} | {verdict[met]} |" for goal, measured, met in rig.goals]
+    lines = ["### Goals, this run", "", "| goal | measured (proxy) | |", "| --- | --- | --- |"]
+    lines += [f"| {goal} | {measured} | {verdict[met]} |" for goal, measured, met in goals]
     return lines + [""]
 
 
@@ -550,42 +479,44 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     load_before = load_average()
-    with tempfile.TemporaryDirectory(prefix="carbon-proxy-bench-") as tmp:
-        rig = setup(args, Path(tmp))
-        try:
-            import aiohttp
+    import aiohttp
 
-            out = [
-                "## carbon-proxy overhead (bench/overhead.py)" + (" -- QUICK SMOKE RUN" if args.quick else ""),
-                "",
-                f"Machine: {os.cpu_count()} CPU(s), load average before {load_before}; Python {sys.version.split()[0]}, "
-                f"aiohttp {aiohttp.__version__} ({_parser_kind()}); proxy meter: {args.meter} (sim /metrics); "
-                f"receipts: {RECEIPTS[args.receipts]}; load generator: aiohttp + uvloop in its own process"
-                + (f"; pinned: sim and generator on CPU {args.pin.split(':')[0]}, proxies on CPU {args.pin.split(':')[1]}." if args.pin else "."),
-                "",
-            ]
-            if rig.litellm is None:
-                out += ["LiteLLM peer: skipped (give --litellm PATH, the `litellm` script of a separate venv with "
-                        "litellm[proxy]).", ""]  # fmt: skip
-            if not args.skip_nonstream:
-                out += nonstream(rig, args)
-            if not args.skip_streams:
+    out = [
+        "## carbon-proxy overhead (bench/overhead.py)" + (" -- QUICK SMOKE RUN" if args.quick else ""),
+        "",
+        f"Machine: {os.cpu_count()} CPU(s), load average before {load_before}; Python {sys.version.split()[0]}, "
+        f"aiohttp {aiohttp.__version__} ({_parser_kind()}); proxy meter: {args.meter}; receipts: {RECEIPTS[args.receipts]}"
+        + (f"; pinned: load on CPU {args.pin.split(':')[0]}, targets on CPU {args.pin.split(':')[1]}." if args.pin else "."),
+        "",
+    ]
+    goals: list[tuple[str, str, bool | None]] = []
+    with tempfile.TemporaryDirectory(prefix="carbon-proxy-bench-") as tmp:
+        if not args.skip_wrk:
+            lines, wrk_goals = wrk_phases(args, Path(tmp) / "wrk")
+            out += lines
+            goals += wrk_goals
+        if not args.skip_streams:
+            workdir = _subdir(Path(tmp), "streams")
+            rig = setup(args, workdir)
+            try:
                 out += streaming(rig, args)
-            if not args.skip_saturation:
-                out += saturation(rig, args)
-            out += goals_table(rig)
-            for name, child in rig.proxies.items():
-                if child.proc.poll() is not None:
-                    raise RuntimeError(f"the {name} proxy exited during the run:\n" + child.log_tail())
-        except BaseException:
-            for child in [*rig.proxies.values(), rig.sim]:
-                sys.stderr.write(f"--- {child.name} log ---\n{child.log_tail()}\n")
-            raise
-        finally:
-            teardown(rig)
+                goals += rig.goals
+                for name, child in rig.proxies.items():
+                    if child.proc.poll() is not None:
+                        raise RuntimeError(f"the {name} proxy exited during the run:\n" + child.log_tail())
+            except BaseException:
+                for child in [*rig.proxies.values(), rig.sim]:
+                    sys.stderr.write(f"--- {child.name} log ---\n{child.log_tail()}\n")
+                raise
+            finally:
+                teardown(rig)
+            profiles = rig.profiles
+        else:
+            profiles = []
+    out += goals_table(goals)
     out.append(f"Run took {time.perf_counter() - started:.0f} s; load average after {load_average()}.")
-    if rig.profiles:
-        out.append("py-spy profiles (collapsed stacks): " + ", ".join(rig.profiles))
+    if profiles:
+        out.append("py-spy profiles (collapsed stacks): " + ", ".join(profiles))
     print("\n".join(out))
     return 0
 

@@ -10,8 +10,6 @@ import logging
 import time
 from typing import AsyncIterator, Callable, Mapping
 
-from aiohttp import web
-
 from proxy.accounting import Accountant, Figures, GroupPricing
 from proxy.attribution import AttributionEngine, RequestUsage
 from proxy.attribution.prior import group_prior
@@ -34,6 +32,7 @@ from proxy.receipts.endpoint import receipts_endpoint
 from proxy.receipts.model import Receipt, ReceiptStore, new_receipt_id
 from proxy.routing.header import HEADER as ROUTE_HEADER
 from proxy.routing.router import RouteRefused, Router
+from proxy.server.messages import BodyTooLarge, Reply, Request
 from proxy.tenants import Tenancy
 from proxy.tokenize import PromptCounter
 
@@ -45,10 +44,6 @@ larger ones stream to the upstream untouched."""
 
 ALL_DEVICES = "*"
 RECEIPT_ID_HEADER = "X-Carbon-Receipt-Id"
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 def group_name(upstream: UpstreamConfig) -> str:
@@ -72,7 +67,9 @@ class ProxyServer:
         self._embodied_rate = embodied_g_per_device_second
         self.router = Router(config.upstreams, config.routing, default_intensity=intensity, default_pue=config.pue)
         self.tenancy = Tenancy(config.tenants)
-        self.forwarder = Forwarder(max_buffer_bytes=config.server.max_buffer_bytes)
+        self.forwarder = Forwarder(
+            max_buffer_bytes=config.server.max_buffer_bytes, client_write_seconds=config.server.client_write_seconds
+        )
         self.sampler: Sampler | None = None
         self.accountant: Accountant | None = None
         self.state_keeper: StateKeeper | None = None
@@ -235,7 +232,7 @@ class ProxyServer:
         405, 413, 429): these never reach an upstream and so have no receipt."""
         self._reject_listeners.append(listener)
 
-    def _reject(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    def _reject(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Reply:
         for listener in self._reject_listeners:
             try:
                 listener(kind)
@@ -260,7 +257,7 @@ class ProxyServer:
 
     # -- the public handler -----------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Reply | None:
         try:
             bad = first_bad_header(request.headers, self._read_headers)
             if bad is not None:
@@ -271,22 +268,22 @@ class ProxyServer:
         except Exception as exc:
             return self._last_resort(request, exc)
 
-    def _last_resort(self, request: web.BaseRequest, exc: Exception) -> web.Response:
+    def _last_resort(self, request: Request, exc: Exception) -> Reply:
         """A bug or a client gone mid-answer: one log line (rate-limited, no values) and a
-        JSON 500, never aiohttp's plain-text page and a traceback per request."""
+        JSON 500, never a plain-text page and a traceback per request."""
         if isinstance(exc, ConnectionError):
             log.debug("client connection failed while answering (%s)", type(exc).__name__)
         else:
             self._log_unexpected(logging.ERROR, "request failed unexpectedly (%s); answered 500", where(exc))
-        if request.writer.output_size > 0 and request.transport is not None:
-            request.transport.close()  # part of an answer went out: the 500 cannot follow it
+        if request.started:
+            request.abort()  # part of an answer went out: the 500 cannot follow it
         return json_error(500, "internal_error", "the proxy failed to answer this request")
 
-    def _too_large(self) -> web.Response:
+    def _too_large(self) -> Reply:
         limit = self.config.server.max_body_bytes
         return self._reject(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, request: Request) -> Reply | None:
         if not request.raw_path.startswith("/"):
             # Absolute-form (or authority-form) targets would let a client pick the host.
             return self._reject(400, "invalid_request_target", "only origin-form request targets (a path) are accepted")
@@ -302,11 +299,11 @@ class ProxyServer:
         if length is not None and length > max_body:
             return self._too_large()
         body: bytes | AsyncIterator[bytes] | None = None
-        if request.body_exists:
+        if request.body is not None:
             if length is not None and length <= INSPECT_LIMIT_BYTES:
-                content = request.content
+                content = request.body
                 # Usually the whole body came with the head: take it without a read loop.
-                body = content.read_nowait() if content.is_eof() and content.exception() is None else await content.read()
+                body = content.read_nowait() if content.complete else await content.read()
             else:
                 body = _limited(request, max_body)
 
@@ -379,10 +376,9 @@ class ProxyServer:
         exchange.route = route
         if route.pool_size > 1:
             exchange.on_first_byte = lambda: self.router.first_byte(route)
-        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         headers = upstream_request_headers(
             request.headers,
-            client_ip=peer[0] if isinstance(peer, tuple) else None,
+            client_ip=request.client_ip,
             scheme=request.scheme,
             request_id=request_id,
             trust_forwarded=self.config.server.trust_forwarded,
@@ -415,24 +411,24 @@ class ProxyServer:
             self.in_flight -= 1
             self.budgets.release(receipt_id)  # a request that ended without a receipt
             self.router.finished(route)
-        if isinstance(body, _LimitedBody) and body.exceeded:
+        if isinstance(body, _LimitedBody) and body.exceeded and not request.started:
             return self._too_large()
         return response
 
-    async def _local(self, request: web.BaseRequest, endpoint: LocalEndpoint) -> web.Response:
-        """Bridge from aiohttp's request to a server-agnostic LocalEndpoint handler."""
+    async def _local(self, request: Request, endpoint: LocalEndpoint) -> Reply:
+        """Bridge from the public server's request to a server-agnostic LocalEndpoint handler."""
         answer = await self._answer_local(request, endpoint)
-        return web.Response(status=answer.status, body=answer.body, content_type=answer.content_type, headers=answer.headers)
+        return Reply(answer.status, answer.body, {"Content-Type": answer.content_type, **answer.headers})
 
-    async def _answer_local(self, request: web.BaseRequest, endpoint: LocalEndpoint) -> LocalResponse:
+    async def _answer_local(self, request: Request, endpoint: LocalEndpoint) -> LocalResponse:
         limit = endpoint.max_body_bytes
         too_large = error_response(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
             return too_large
         parts: list[bytes] = []
         size = 0
-        if request.body_exists:
-            async for chunk in request.content.iter_any():
+        if request.body is not None:
+            async for chunk in request.body:
                 size += len(chunk)
                 if size > limit:
                     return too_large
@@ -449,7 +445,7 @@ class ProxyServer:
 class _LimitedBody:
     """A streamed request body that stops at the size limit (the handler then answers 413)."""
 
-    def __init__(self, request: web.BaseRequest, limit: int) -> None:
+    def __init__(self, request: Request, limit: int) -> None:
         self._request = request
         self._limit = limit
         self.exceeded = False
@@ -459,7 +455,8 @@ class _LimitedBody:
 
     async def _iterate(self) -> AsyncIterator[bytes]:
         size = 0
-        async for chunk in self._request.content.iter_any():
+        assert self._request.body is not None
+        async for chunk in self._request.body:
             size += len(chunk)
             if size > self._limit:
                 self.exceeded = True
@@ -467,5 +464,5 @@ class _LimitedBody:
             yield chunk
 
 
-def _limited(request: web.BaseRequest, limit: int) -> _LimitedBody:
+def _limited(request: Request, limit: int) -> _LimitedBody:
     return _LimitedBody(request, limit)

@@ -55,6 +55,17 @@ class ServerConfig:
     upstream that never ends its line) passes through unread, figures flagged."""
     trust_forwarded: bool = False
     """Keep an incoming X-Forwarded-For chain (when behind a trusted load balancer)."""
+    client_write_seconds: float = 30.0
+    """A write blocked on a client that reads nothing for this long cuts that client
+    (and its upstream call): a stuck reader must not hold a model server's stream."""
+    keepalive_seconds: float = 75.0
+    """An idle keep-alive connection (between requests) is closed after this long."""
+    header_read_seconds: float = 10.0
+    """A request head must arrive complete within this long of its first byte (slowloris)."""
+    max_connections: int = 0
+    """Open client connections at most; beyond it idle keep-alives are closed first, then
+    new connections get 503. 0 = half of the process's open-file limit (each client
+    connection may hold an upstream connection too)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +172,14 @@ def _number(key: str, value: Any, *, minimum: float | None = None, positive: boo
     return number
 
 
+def _whole(key: str, value: Any, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"expected a whole number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(key, f"must be at least {minimum}, got {value!r}")
+    return value
+
+
 def _boolean(key: str, value: Any) -> bool:
     if not isinstance(value, bool):  # bool("false") is True: a quoted false must not switch it on
         raise ConfigError(key, f"expected true or false, got {value!r}")
@@ -254,7 +273,20 @@ def _timeouts_as_dict(timeouts: Timeouts) -> dict[str, float]:
 
 
 def _server(table: dict[str, Any]) -> tuple[ServerConfig, Timeouts]:
-    allowed = {"listen", "admin_listen", "max_body_bytes", "max_buffer_bytes", "max_event_bytes", "drain_seconds", "trust_forwarded", "timeouts"}
+    allowed = {
+        "listen",
+        "admin_listen",
+        "max_body_bytes",
+        "max_buffer_bytes",
+        "max_event_bytes",
+        "drain_seconds",
+        "trust_forwarded",
+        "timeouts",
+        "client_write_seconds",
+        "keepalive_seconds",
+        "header_read_seconds",
+        "max_connections",
+    }
     _check_keys("server", table, allowed)
     defaults = ServerConfig()
     server = ServerConfig(
@@ -270,6 +302,14 @@ def _server(table: dict[str, Any]) -> tuple[ServerConfig, Timeouts]:
         # Below a few KiB, ordinary events (a usage chunk, a long token) would overflow it.
         max_event_bytes=int(_number("server.max_event_bytes", table.get("max_event_bytes", defaults.max_event_bytes), minimum=4096)),
         trust_forwarded=_boolean("server.trust_forwarded", table.get("trust_forwarded", False)),
+        client_write_seconds=_number(
+            "server.client_write_seconds", table.get("client_write_seconds", defaults.client_write_seconds), positive=True
+        ),
+        keepalive_seconds=_number("server.keepalive_seconds", table.get("keepalive_seconds", defaults.keepalive_seconds), positive=True),
+        header_read_seconds=_number(
+            "server.header_read_seconds", table.get("header_read_seconds", defaults.header_read_seconds), positive=True
+        ),
+        max_connections=_whole("server.max_connections", table.get("max_connections", defaults.max_connections), minimum=0),
     )
     timeouts = _timeouts("server.timeouts", _table("server.timeouts", table.get("timeouts", {})))
     return server, timeouts

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import AsyncIterator, Mapping, Protocol
+from typing import AsyncIterator, Callable, Mapping, Protocol
 
-import aiohttp
 import orjson
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Timeouts
 from proxy.headers import client_response_headers
+from proxy.server.messages import Reply, Request
 from proxy.transport import Connection, ConnectFailed, ConnectTimeout, FirstByteTimeout, IdleTimeout, Pool, TransportError, origin_of
 
 
@@ -57,35 +56,62 @@ class UpstreamError(Exception):
         self.message = message
 
 
-def json_error(status: int, kind: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+def json_error(status: int, kind: str, message: str, headers: Mapping[str, str] | None = None) -> Reply:
     """An OpenAI-style error body: every client library already knows how to show it."""
     body = orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+    return Reply(status, body, {"Content-Type": "application/json", **(headers or {})})
 
 
 class _Watchdog:
-    """Idle timeout without a timer per chunk: chunks only stamp a time; one timer re-arms."""
+    """Idle timeout without a timer per chunk: chunks only stamp a time; one timer re-arms.
 
-    def __init__(self, timeout_seconds: float, conn: Connection) -> None:
+    While `writing`, the time goes to the client instead: a write blocked longer than
+    `client_write_seconds` calls `cut_client` (a stuck reader must not hold the upstream)."""
+
+    def __init__(
+        self,
+        timeout_seconds: float,
+        conn: Connection,
+        client_write_seconds: float | None = None,
+        cut_client: Callable[[], None] | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self.clock = self._loop.time
         self._timeout = timeout_seconds
         self._conn = conn
+        self._client_write = client_write_seconds if cut_client is not None else None
+        self._cut_client = cut_client
         self.last = self._loop.time()
         self.writing = False
-        """True while the forwarder waits on the client: not the upstream's silence."""
+        """True while the forwarder waits on the client (since `last`): not the upstream's silence."""
         self.expired = False
-        self._handle = self._loop.call_at(self.last + timeout_seconds, self._check)
+        self.stalled = False
+        self._handle = self._loop.call_at(self._next_check(), self._check)
+
+    def _next_check(self) -> float:
+        if self.writing and self._client_write is not None:
+            return self.last + self._client_write
+        due = self.last + self._timeout
+        if self._client_write is not None:
+            # A write may start at any time: look again within one client_write period.
+            due = min(due, self._loop.time() + self._client_write)
+        return due
 
     def _check(self) -> None:
+        now = self._loop.time()
         if self.writing:
-            self.last = self._loop.time()
-        due = self.last + self._timeout
-        if self._loop.time() < due:
-            self._handle = self._loop.call_at(due, self._check)
+            if self._client_write is not None and now - self.last >= self._client_write:
+                self.stalled = True
+                assert self._cut_client is not None
+                self._cut_client()
+                return
+            if self._client_write is None:
+                self.last = now  # a slow client is not a silent upstream
+        elif now >= self.last + self._timeout:
+            self.expired = True
+            self._conn.abort(IdleTimeout(f"upstream went silent for {self._timeout:g} s"))
             return
-        self.expired = True
-        self._conn.abort(IdleTimeout(f"upstream went silent for {self._timeout:g} s"))
+        self._handle = self._loop.call_at(max(self._next_check(), now), self._check)
 
     def cancel(self) -> None:
         self._handle.cancel()
@@ -94,8 +120,9 @@ class _Watchdog:
 class Forwarder:
     """Forwards requests over a keep-alive pool of upstream connections."""
 
-    def __init__(self, *, max_buffer_bytes: int) -> None:
+    def __init__(self, *, max_buffer_bytes: int, client_write_seconds: float | None = None) -> None:
         self._max_buffer_bytes = max_buffer_bytes
+        self._client_write_seconds = client_write_seconds
         self.pool = Pool()
         self.drain_deadline: float | None = None
         """Loop time at which a stopping server cuts what is still open (`shutdown`)."""
@@ -108,7 +135,7 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.BaseRequest,
+        request: Request,
         *,
         upstream_url: str,
         target: str,
@@ -117,7 +144,7 @@ class Forwarder:
         timeouts: Timeouts,
         exchange: Exchange,
         extra_headers: Mapping[str, str],
-    ) -> web.StreamResponse:
+    ) -> Reply | None:
         upstream: Connection | None = None
         try:
             try:
@@ -160,12 +187,12 @@ class Forwarder:
 
     async def _buffered(
         self,
-        request: web.BaseRequest,
+        request: Request,
         upstream: Connection,
         timeouts: Timeouts,
         exchange: Exchange,
         extra_headers: Mapping[str, str],
-    ) -> web.StreamResponse:
+    ) -> Reply | None:
         if upstream.complete:
             # The whole body came with the head (small answers do): nothing can stall,
             # so no idle watchdog (a timer per request) is needed to read it.
@@ -196,57 +223,64 @@ class Forwarder:
     @staticmethod
     async def _send_buffered(
         upstream: Connection, body: bytes, exchange: Exchange, extra_headers: Mapping[str, str]
-    ) -> web.StreamResponse:
+    ) -> Reply | None:
         figures = await exchange.complete(body)
         headers = client_response_headers(upstream.headers, reframed=True)
         headers.update(extra_headers)
         headers.update(figures)
-        return web.Response(status=upstream.status, reason=upstream.reason or None, body=body, headers=headers)
+        return Reply(upstream.status, body, headers.items(), upstream.reason or None)
 
     async def _streamed(
         self,
-        request: web.BaseRequest,
+        request: Request,
         upstream: Connection,
         timeouts: Timeouts,
         exchange: Exchange,
         extra_headers: Mapping[str, str],
         prefix: bytes = b"",
-    ) -> web.StreamResponse:
+    ) -> Reply | None:
         # The proxy may append figures, so it frames the body itself (chunked).
         headers = client_response_headers(upstream.headers, reframed=True)
         headers.update(extra_headers)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None, headers=headers)
-        if request.version >= aiohttp.HttpVersion11:
-            response.enable_chunked_encoding()
-        await response.prepare(request)
-        watchdog = _Watchdog(timeouts.idle_seconds, upstream)
+        request.start_stream(upstream.status, headers.items(), upstream.reason or None)
+        cut_client = request.abort
+        watchdog = _Watchdog(timeouts.idle_seconds, upstream, self._client_write_seconds, cut_client)
         # Per chunk (the hot loop of every stream): bound methods and the watchdog stamp inlined.
         feed = exchange.feed
-        write = response.write
+        write = request.write
         read = upstream.read
         clock = watchdog.clock
         try:
             if prefix:
+                watchdog.writing = True
                 await write(feed(prefix))
+                watchdog.writing = False
             while chunk := await read():
                 out = feed(chunk)
                 if out:
+                    watchdog.last = clock()
                     watchdog.writing = True  # a slow client is not a silent upstream
                     await write(out)
                     watchdog.writing = False
                 watchdog.last = clock()
+            tail = await exchange.finish()
+            watchdog.last = clock()
+            watchdog.writing = True
+            if tail:
+                await write(tail)
+            await request.write_eof()
         except TransportError:
             # Headers are gone already: cut the connection so the client sees a broken
             # stream rather than a clean end that would pass for a complete answer.
             exchange.failed("upstream_timeout" if watchdog.expired else "upstream_broken")
-            response.force_close()
-            if request.transport is not None:
-                request.transport.close()
-            return response
+            request.abort()
+            return None
+        except BaseException:
+            if watchdog.stalled:
+                # The client read nothing for client_write_seconds: it was cut (and with it
+                # the upstream call); the work done so far is accounted.
+                exchange.failed("client_stalled")
+            raise
         finally:
             watchdog.cancel()
-        tail = await exchange.finish()
-        if tail:
-            await response.write(tail)
-        await response.write_eof()
-        return response
+        return None

@@ -18,8 +18,11 @@ from proxy.build import build_embodied_rates, build_intensity, build_receipts, r
 from proxy.carbon.intensity import IntensityProvider
 from proxy.config import Config
 from proxy.meters.base import Meter
-from proxy.public_errors import JsonErrorServer
 from proxy.receipts.model import ReceiptStore
+from proxy.server.connections import ConnectionGuard, ConnectionsCollector
+from proxy.server.gc_tuning import tune_for_serving
+from proxy.server.protocol import Limits
+from proxy.server.public import PublicServer
 
 log = logging.getLogger("carbon_proxy")
 
@@ -74,7 +77,8 @@ class Service:
             config, meter=meter, intensity=intensity, receipts=receipts, embodied_g_per_device_second=build_embodied_rates(config)
         )
         self.probe = UpstreamProbe(config)
-        self._public: web.ServerRunner | None = None
+        self.connections = ConnectionGuard(config.server.max_connections)
+        self._public: PublicServer | None = None
         self._admin: web.AppRunner | None = None
         self.public_port: int = 0
         self.admin_port: int = 0
@@ -86,13 +90,10 @@ class Service:
         self._install_metrics()
         self._install_telemetry()
         server = self.config.server
-        # The low-level server: no router or middleware on the per-request path.
-        low_level = JsonErrorServer(self.proxy.handle, handler_cancellation=True, access_log=None)
-        self._public = web.ServerRunner(low_level, shutdown_timeout=server.drain_seconds, handle_signals=False)
-        await self._public.setup()
-        site = web.TCPSite(self._public, server.listen.host, server.listen.port, backlog=4096, reuse_address=True)
-        await site.start()
-        self.public_port = _bound_port(self._public)
+        # The lean HTTP/1.1 server (proxy.server): no framework on the per-request path.
+        limits = Limits(header_read_seconds=server.header_read_seconds, keepalive_seconds=server.keepalive_seconds)
+        self._public = PublicServer(self.proxy.handle, guard=self.connections, limits=limits)
+        self.public_port = await self._public.start(server.listen.host, server.listen.port)
         admin_app = create_admin_app(self.proxy, self.registry, upstreams_ok=self.probe.check)
         self._admin = web.AppRunner(admin_app, access_log=None, handle_signals=False)
         await self._admin.setup()
@@ -105,6 +106,7 @@ class Service:
         except ImportError:
             return
         install_metrics(self.proxy, self.registry)
+        self.registry.register(ConnectionsCollector(self.connections))
 
     def _install_telemetry(self) -> None:
         from proxy.telemetry import parse_telemetry  # imports no OpenTelemetry
@@ -120,7 +122,7 @@ class Service:
         loop = asyncio.get_running_loop()
         self.proxy.forwarder.drain_deadline = loop.time() + self.config.server.drain_seconds
         if self._public is not None:
-            await self._public.cleanup()
+            await self._public.stop(self.config.server.drain_seconds)
         await self.proxy.stop()
         if self._admin is not None:
             await self._admin.cleanup()
@@ -146,6 +148,7 @@ async def run_until_signal(service: Service) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await service.start()
+    tune_for_serving()
     log.info(
         "carbon-proxy listening on http://%s (admin http://%s)", service.config.server.listen, service.config.server.admin_listen
     )

@@ -107,7 +107,7 @@ async def test_every_required_metric_is_exported_in_base_units(service: Service)
     }
     for name, labels in expected.items():
         assert found.get(name) == labels, f"{name}: {found.get(name)}"
-    units = ("_total", "_joules", "_grams", "_seconds", "_watts", "_ratio", "_up", "_stale", "_requests", "_failures", "_grams_per_joule")
+    units = ("_total", "_joules", "_grams", "_seconds", "_watts", "_ratio", "_up", "_stale", "_requests", "_failures", "_connections", "_grams_per_joule")
     for name in found:
         assert name.endswith(units), f"{name} names no unit"
 
