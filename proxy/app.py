@@ -86,6 +86,8 @@ class ProxyServer:
         self._written = getattr(receipts, "written", None)
         self.prompt_counter = PromptCounter()
         self.local_endpoints: list[LocalEndpoint] = []
+        self.internal_identity: Callable[[Mapping[str, str]], tuple[str, str | None] | None] | None = None
+        """Set by proxy.batches: (tenant, credential hash) its runner vouches for on a batch line."""
         self.add_local(receipts_endpoint(receipts))
         self._read_headers = headers_read(self.tenancy.header, config.server.trust_forwarded)
         self._log_unexpected = RateLimitedLog(log)
@@ -315,6 +317,10 @@ class ProxyServer:
             data = parse_json_object(raw_body)
             model = data.get("model") if data is not None and isinstance(data.get("model"), str) else None
         tenant, cred_hash = self.tenancy.identify(request.headers)
+        if self.internal_identity is not None:
+            vouched = self.internal_identity(request.headers)
+            if vouched is not None:  # a batch line: charged (and routed) as the batch's owner
+                tenant, cred_hash = vouched
         if data is None and raw_body is not None and self.router.needs_body(path, model):
             data = parse_json_object(raw_body)
         route = self.router.route(path, model, tenant=tenant, body=data)

@@ -140,6 +140,8 @@ class Config:
     telemetry: dict[str, Any] = field(default_factory=dict)
     """The [telemetry] table (OpenTelemetry export), validated by proxy.telemetry.settings."""
     routing: RoutingSettings = RoutingSettings()
+    batches: dict[str, Any] = field(default_factory=dict)
+    """The [batches] table (the Batch API), validated by proxy.batches.settings."""
 
 
 # -- parsing helpers: each takes the dotted key so errors can name it ----------------
@@ -383,7 +385,7 @@ def _check_routing(upstreams: tuple[UpstreamConfig, ...]) -> None:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    _check_keys("", data, {"server", "upstreams", "meter", "carbon", "attribution", "receipts", "tenants", "telemetry", "routing"})
+    _check_keys("", data, {"server", "upstreams", "meter", "carbon", "attribution", "receipts", "tenants", "telemetry", "routing", "batches"})
     server, default_timeouts = _server(_table("server", data.get("server", {})))
     raw_upstreams = data.get("upstreams", [])
     if not isinstance(raw_upstreams, list):
@@ -408,7 +410,15 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         tenants=dict(_table("tenants", data.get("tenants", {}))),
         telemetry=_telemetry(_table("telemetry", data.get("telemetry", {}))),
         routing=parse_routing(_table("routing", data.get("routing", {})), _table("tenants", data.get("tenants", {}))),
+        batches=_batches(data.get("batches", {})),
     )
+
+
+def _batches(table: Any) -> dict[str, Any]:
+    from proxy.batches.settings import parse_batches
+
+    parse_batches(table)  # errors name the key now, for check-config and serve alike
+    return dict(table)
 
 
 def _telemetry(table: dict[str, Any]) -> dict[str, Any]:

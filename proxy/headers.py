@@ -48,7 +48,8 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 _ALWAYS_DROPPED = HOP_BY_HOP | EMISSIONS_HEADERS
-_UPSTREAM_DROPPED = _ALWAYS_DROPPED | FORWARDING_HEADERS | {"x-request-id"}
+# The batch runner's internal header (proxy.batches.sender) never leaves the proxy.
+_UPSTREAM_DROPPED = _ALWAYS_DROPPED | FORWARDING_HEADERS | {"x-request-id", "x-carbon-proxy-batch"}
 _REFRAMED_DROPPED = _ALWAYS_DROPPED | {"content-length"}
 
 

@@ -84,16 +84,24 @@ class Service:
         self.admin_port: int = 0
         self.tracer: Any = None
         """proxy.telemetry.tracer.RequestTracer when [telemetry] is configured."""
+        self.batches: Any = None
+        """proxy.batches.service.BatchService when [batches] is enabled."""
+        self.batch_clock: Any = None
+        self.batch_forecast: Any = None
+        """Tests and the bench set these before start(): a manual clock, a scripted forecast."""
 
     async def start(self) -> None:
         await self.proxy.start()
         self._install_metrics()
         self._install_telemetry()
+        await self._install_batches()
         server = self.config.server
         # The lean HTTP/1.1 server (proxy.server): no framework on the per-request path.
         limits = Limits(header_read_seconds=server.header_read_seconds, keepalive_seconds=server.keepalive_seconds)
         self._public = PublicServer(self.proxy.handle, guard=self.connections, limits=limits)
         self.public_port = await self._public.start(server.listen.host, server.listen.port)
+        if self.batches is not None:
+            await self.batches.start(server.listen.host, self.public_port)
         admin_app = create_admin_app(self.proxy, self.registry, upstreams_ok=self.probe.check)
         self._admin = web.AppRunner(admin_app, access_log=None, handle_signals=False)
         await self._admin.setup()
@@ -117,8 +125,20 @@ class Service:
 
             self.tracer = install_tracing(self.proxy, settings)
 
+    async def _install_batches(self) -> None:
+        from proxy.batches.settings import parse_batches
+
+        settings = parse_batches(self.config.batches, self.config.receipts.path)
+        if settings.enabled:
+            from proxy.batches.service import BatchService
+
+            self.batches = BatchService(self.proxy, settings, self.registry, self.batch_clock, self.batch_forecast)
+            await self.batches.open()
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight streams finish (up to drain_seconds), then flush."""
+        if self.batches is not None:
+            await self.batches.close()  # lines in flight run again at the next start
         loop = asyncio.get_running_loop()
         self.proxy.forwarder.drain_deadline = loop.time() + self.config.server.drain_seconds
         if self._public is not None:

@@ -1,0 +1,106 @@
+"""Wiring the Batch API into a running proxy: store, runner, endpoints, metrics.
+
+`install_batches(service)` is called by proxy.serve.Service before the public listener
+opens (the endpoints must answer from the first request); `start(port)` once it is bound
+(lines are sent to it); `close()` before it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+
+from proxy.batches.clock import Clock, WallClock
+from proxy.batches.endpoint import BatchApi
+from proxy.batches.runner import BatchRunner
+from proxy.batches.sender import BatchIdentity, LineSender
+from proxy.batches.settings import BatchSettings
+from proxy.batches.store import BatchStore
+from proxy.carbon.forecast import ForecastSource, ForecastWindow, forecast_of
+
+RETENTION_SWEEP_SECONDS = 3600.0
+
+
+class BatchService:
+    def __init__(
+        self, proxy: Any, settings: BatchSettings, registry: CollectorRegistry | None, clock: Clock | None = None, forecast: ForecastSource | None = None
+    ) -> None:
+        self.proxy = proxy
+        self.settings = settings
+        self.clock: Clock = clock or WallClock()
+        self._forecast_source = forecast
+        self.identity = BatchIdentity()
+        self.store = BatchStore(settings.path or ":memory:")
+        self._sweeper: asyncio.Task[None] | None = None
+        lines = Counter("carbon_proxy_batch_lines", "Batch lines ended, by state", ["state"], registry=registry)
+        avoided = Counter(
+            "carbon_proxy_batch_avoided_co2e_grams",
+            "gCO2e batches avoided by running when they ran rather than at submission (negative counts are not added)",
+            registry=registry,
+        )
+        for state in ("completed", "failed", "expired", "cancelled"):
+            lines.labels(state)
+        self.runner = BatchRunner(
+            self.store,
+            settings,
+            LineSender(self.identity, "127.0.0.1", 0),
+            self._forecast,
+            self.clock,
+            interactive_in_flight=lambda: int(proxy.in_flight),
+            receipt_grams=self._receipt_grams,
+            on_line=lambda state: lines.labels(state).inc(),
+            on_avoided=lambda grams: avoided.inc(max(0.0, grams)),
+        )
+        self.api = BatchApi(self.store, self.runner, settings, self.clock, self._intensity_now)
+        proxy.internal_identity = self.identity.vouched
+        for endpoint in self.api.endpoints():
+            proxy.add_local(endpoint)
+
+    def _forecast(self, now_unix: float, horizon_seconds: float) -> list[ForecastWindow]:
+        if self._forecast_source is not None:
+            return self._forecast_source.forecast(now_unix, horizon_seconds) or forecast_of(self.proxy.intensity, now_unix, horizon_seconds)
+        return forecast_of(self.proxy.intensity, now_unix, horizon_seconds)
+
+    def _intensity_now(self) -> float:
+        return float(self.proxy.intensity.at(self.clock.now()).g_per_kwh)
+
+    async def _receipt_grams(self, receipt_id: str) -> tuple[float, float, float, bool] | None:
+        try:
+            receipt = await self.proxy.receipts.get(receipt_id)
+        except Exception:
+            return None  # the figures of the response headers stand
+        if receipt is None:
+            return None
+        return receipt.operational_grams, receipt.embodied_grams, receipt.intensity_g_per_kwh, receipt.status != "provisional"
+
+    async def open(self) -> None:
+        """Before the listener opens: the endpoints answer from the first request."""
+        await self.store.start()
+
+    async def start(self, host: str, port: int) -> None:
+        """Once the listener is bound: lines are sent to it; unfinished batches resume."""
+        self.runner.sender = LineSender(self.identity, _loopback(host), port)
+        await self.runner.start()
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await self.store.expire(self.clock.now() - self.settings.retention_days * 86400)
+            await asyncio.sleep(RETENTION_SWEEP_SECONDS)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        await self.runner.close()
+        await self.store.close()
+
+
+def _loopback(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return f"[{host}]" if ":" in host else host
