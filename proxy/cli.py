@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         rep = sub.add_parser("report", help="totals from the receipts database")
         report.add_arguments(rep)
         rep.set_defaults(func=report.run)
+    from proxy.batches import cli as batches_cli
+
+    listing = sub.add_parser("batches", help="the Batch API's batches and the grams they avoided")
+    batches_cli.add_arguments(listing)
+    listing.set_defaults(func=batches_cli.run)
     return parser
 
 

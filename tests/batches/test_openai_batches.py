@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import openai
 import orjson
@@ -192,3 +194,23 @@ async def test_list_pages_newest_first(rig: Rig) -> None:
     assert [b.id for b in first.data] == made[::-1][:2] and first.has_more
     second = await client.batches.list(limit=2, after=first.data[-1].id)
     assert [b.id for b in second.data] == [made[0]] and not second.has_more
+
+
+async def test_the_command_line_lists_batches_and_avoided_grams(rig: Rig, capsys) -> None:
+    from proxy.cli import main
+
+    await rig.start()
+    client = rig.client()
+    batch = await client.batches.create(
+        input_file_id=(await upload(client, jsonl(chat_lines(2)))).id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    await _planned(rig, batch.id)
+    rig.clock.set(T0 + 6 * HOUR)
+    done = await _ended(rig, batch.id, "completed")
+    path = rig.service.batches.settings.path
+    assert await asyncio.to_thread(main, ["batches", "--db", path]) == 0  # a process of its own: its own loop
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith(batch.id))
+    assert row.split()[1] == "completed" and f"{done.model_extra['carbon']['avoided_grams']:.4f}" in row
+    assert await asyncio.to_thread(main, ["batches", "--db", path, "--format", "json"]) == 0
+    assert '"avoided_grams"' in capsys.readouterr().out
