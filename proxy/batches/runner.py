@@ -170,7 +170,7 @@ class BatchRunner:
 
     async def _one(self, batch_id: str, endpoint: str, owner: tuple[str, str], line: Line, submitted_g_per_kwh: float) -> None:
         self.lines_in_flight += 1
-        began = time.monotonic()
+        began = self.clock.now()  # the clock the plan is made in (a bench compresses it)
         request_id = f"{batch_id}-{line.line_no}"
         try:
             try:
@@ -182,7 +182,7 @@ class BatchRunner:
             if await self.store.add_result(batch_id, result):
                 self._on_line("completed" if result.ok else "failed")
             # Lines overlap max_concurrency at a time: one line's share of the clock.
-            self.seconds_per_line = 0.8 * self.seconds_per_line + 0.2 * (time.monotonic() - began)
+            self.seconds_per_line = 0.8 * self.seconds_per_line + 0.2 * max(0.0, self.clock.now() - began)
         finally:
             self.lines_in_flight -= 1
             self._slots.release()

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from proxy.batches.clock import Clock, WallClock
 from proxy.batches.endpoint import BatchApi
+from proxy.batches.metrics import BatchMetrics
 from proxy.batches.runner import BatchRunner
 from proxy.batches.sender import BatchIdentity, LineSender
 from proxy.batches.settings import BatchSettings
@@ -34,14 +35,9 @@ class BatchService:
         self.identity = BatchIdentity()
         self.store = BatchStore(settings.path or ":memory:")
         self._sweeper: asyncio.Task[None] | None = None
-        lines = Counter("carbon_proxy_batch_lines", "Batch lines ended, by state", ["state"], registry=registry)
-        avoided = Counter(
-            "carbon_proxy_batch_avoided_co2e_grams",
-            "gCO2e batches avoided by running when they ran rather than at submission (negative counts are not added)",
-            registry=registry,
-        )
-        for state in ("completed", "failed", "expired", "cancelled"):
-            lines.labels(state)
+        self.metrics = BatchMetrics()
+        if registry is not None:
+            registry.register(self.metrics)
         self.runner = BatchRunner(
             self.store,
             settings,
@@ -50,8 +46,8 @@ class BatchService:
             self.clock,
             interactive_in_flight=lambda: int(proxy.in_flight),
             receipt_grams=self._receipt_grams,
-            on_line=lambda state: lines.labels(state).inc(),
-            on_avoided=lambda grams: avoided.inc(max(0.0, grams)),
+            on_line=self.metrics.line_ended,
+            on_avoided=self.metrics.batch_avoided,
         )
         self.api = BatchApi(self.store, self.runner, settings, self.clock, self._intensity_now)
         proxy.internal_identity = self.identity.vouched
