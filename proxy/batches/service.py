@@ -8,6 +8,7 @@ opens (the endpoints must answer from the first request); `start(port)` once it 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -19,9 +20,11 @@ from proxy.batches.runner import BatchRunner
 from proxy.batches.sender import BatchIdentity, LineSender
 from proxy.batches.settings import BatchSettings
 from proxy.batches.store import BatchStore
+from proxy.header_guard import where
 from proxy.carbon.forecast import ForecastSource, ForecastWindow, forecast_of
 
 RETENTION_SWEEP_SECONDS = 3600.0
+log = logging.getLogger("carbon_proxy")
 
 
 class BatchService:
@@ -83,7 +86,10 @@ class BatchService:
 
     async def _sweep(self) -> None:
         while True:
-            await self.store.expire(self.clock.now() - self.settings.retention_days * 86400)
+            try:
+                await self.store.expire(self.clock.now() - self.settings.retention_days * 86400)
+            except Exception as exc:  # a full disk: try again at the next sweep
+                log.warning("batch retention sweep failed (%s)", where(exc))
             await asyncio.sleep(RETENTION_SWEEP_SECONDS)
 
     async def close(self) -> None:

@@ -104,14 +104,21 @@ class BatchStore:
         self._db = await asyncio.to_thread(open_db)
 
     async def close(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await asyncio.to_thread(db.close)
+        def close_db() -> None:
+            # Under the lock: a call still running in a worker thread (one whose task was
+            # cancelled) finishes first; closing under it would crash sqlite.
+            with self._lock:
+                db, self._db = self._db, None
+                if db is not None:
+                    db.close()
+
+        await asyncio.to_thread(close_db)
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def locked() -> T:
-            assert self._db is not None, "BatchStore.start() was not awaited"
             with self._lock:
+                if self._db is None:
+                    raise RuntimeError("the batch store is closed (or was never started)")
                 return work(self._db)
 
         return await asyncio.to_thread(locked)
