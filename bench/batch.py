@@ -45,6 +45,7 @@ HOUR = 3600.0
 DAY0 = 1_800_000_000.0 - (1_800_000_000.0 % 86400)  # a UTC midnight
 SUBMIT = DAY0 + 18 * HOUR
 CONCURRENCY = 4
+YIELD_ABOVE = 64
 
 
 def daily_trace(days: int = 3) -> list[tuple[float, float]]:
@@ -106,7 +107,7 @@ async def start(sim_url: str, gpu: SimGpu, clock: Any, grid: ScriptedGrid, forec
         "carbon": {"intensity": 300, "pue": 1.2},
         "attribution": {"idle_power_watts": 60},
         "receipts": {"path": ":memory:"},
-        "batches": {"path": str(tmp / f"b{time.monotonic_ns()}.db"), "max_concurrency": CONCURRENCY},
+        "batches": {"path": str(tmp / f"b{time.monotonic_ns()}.db"), "max_concurrency": CONCURRENCY, "yield_above_in_flight": YIELD_ABOVE},
     }
     service = Service(config_from_dict(data), meter=SimMeter(gpu), intensity=grid, receipts=MemoryReceiptStore())
     service.batch_clock, service.batch_forecast = clock, forecast
@@ -166,7 +167,7 @@ async def repetition(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
             out[f"{mode}_grams"] = result["emitted_grams"]
             out[f"{mode}_start_h"] = ((result["planned_start_at"] - DAY0) / HOUR) % 24
             out[f"{mode}_g_per_kwh"] = result["planned_g_per_kwh"]
-            out["run_now_estimate"] = result["run_now_grams"]
+            out[f"{mode}_reported_run_now_grams"] = result["run_now_grams"]  # the batch's own counterfactual
         clock = CompressedClock(SUBMIT, factor)
         grid = ScriptedGrid(clock, daily_trace())
         service = await start(sim.url, gpu, clock, grid, Flat(grid), tmp)
@@ -194,9 +195,10 @@ def main() -> None:
     parser.add_argument("--tokens-per-second", type=float, default=200.0)
     parser.add_argument("--interactive-seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=4, help="[batches] max_concurrency")
+    parser.add_argument("--yield-above", type=int, default=64, help="[batches] yield_above_in_flight")
     args = parser.parse_args()
-    global CONCURRENCY
-    CONCURRENCY = args.concurrency
+    global CONCURRENCY, YIELD_ABOVE
+    CONCURRENCY, YIELD_ABOVE = args.concurrency, args.yield_above
     import tempfile
 
     runs = []

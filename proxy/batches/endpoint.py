@@ -1,6 +1,6 @@
 """The Batch API's HTTP surface on the public listener (OpenAI's paths and wire format).
 
-- `POST /v1/files` (multipart: `purpose=batch`, `file`), `GET /v1/files/{id}`,
+- `POST /v1/files` (multipart: `purpose=batch`, `file`), `GET /v1/files`, `GET /v1/files/{id}`,
   `GET /v1/files/{id}/content`, `DELETE /v1/files/{id}`
 - `POST /v1/batches`, `GET /v1/batches` (`after`, `limit`), `GET /v1/batches/{id}`,
   `POST /v1/batches/{id}/cancel`
@@ -11,6 +11,7 @@ as for an absent id; a request without one gets 401.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -68,8 +69,10 @@ class BatchApi:
     async def _files(self, request: LocalRequest, owner: str) -> LocalResponse:
         rest = request.path[len(FILES) :].strip("/")
         if not rest:
+            if request.method == "GET":
+                return await self._list_files(request, owner)
             if request.method != "POST":
-                return error_response(405, "method_not_allowed", "files are uploaded with POST /v1/files")
+                return error_response(405, "method_not_allowed", "files are uploaded with POST and listed with GET")
             return await self._upload(request, owner)
         file_id, _, tail = rest.partition("/")
         if tail == "content" and request.method == "GET":
@@ -88,9 +91,26 @@ class BatchApi:
             return json_response(200, {"id": file_id, "object": "file", "deleted": True})
         return error_response(405, "method_not_allowed", "a file is read with GET or removed with DELETE")
 
+    async def _list_files(self, request: LocalRequest, owner: str) -> LocalResponse:
+        text = request.query.get("limit", "10000")
+        if not text.isdigit() or not 1 <= int(text) <= 10000:
+            return error_response(400, "invalid_request_error", f"limit must be a whole number from 1 to 10000, got {text[:32]!r}")
+        limit = int(text)
+        page = await self.store.list_files(owner, request.query.get("purpose") or None, request.query.get("after") or None, limit + 1)
+        data = [f.public() for f in page[:limit]]
+        body = {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": len(page) > limit,
+        }
+        return json_response(200, body)
+
     async def _upload(self, request: LocalRequest, owner: str) -> LocalResponse:
         try:
-            form = parse_form(request.headers.get("Content-Type", ""), request.body)
+            # Up to max_file_bytes: parsed off the event loop.
+            form = await asyncio.to_thread(parse_form, request.headers.get("Content-Type", ""), request.body)
         except MultipartError as exc:
             return error_response(400, "invalid_request_error", f"POST /v1/files: {exc}")
         purpose = form.fields.get("purpose")
@@ -132,9 +152,8 @@ class BatchApi:
 
     async def _public(self, batch: dict[str, Any]) -> dict[str, Any]:
         if batch["status"] in ("in_progress", "cancelling", "finalizing"):  # live counts from the results
-            results = await self.store.results(batch["id"])
-            ok = sum(1 for r in results if r.ok)
-            batch["request_counts"] = {**batch["request_counts"], "completed": ok, "failed": len(results) - ok}
+            ok, failed = await self.store.count_results(batch["id"])
+            batch["request_counts"] = {**batch["request_counts"], "completed": ok, "failed": failed}
         return batch
 
     async def _list(self, request: LocalRequest, owner: str) -> LocalResponse:
@@ -180,7 +199,7 @@ class BatchApi:
         if file.purpose != "batch":
             return _bad_param("input_file_id", f"the file's purpose is {file.purpose!r}, not 'batch'")
         content = await self.store.file_content(file.id, owner) or b""
-        parsed = parse_input(content, endpoint, self.settings.max_lines)
+        parsed = await asyncio.to_thread(parse_input, content, endpoint, self.settings.max_lines)
         now = int(self.clock.now())
         batch: dict[str, Any] = {
             "id": new_id("batch"),

@@ -142,6 +142,26 @@ class BatchStore:
 
         return await self._run(get)
 
+    async def list_files(self, owner: str, purpose: str | None, after: str | None, limit: int) -> list[StoredFile]:
+        """Newest first; `after` is the last id of the previous page."""
+
+        def get(db: sqlite3.Connection) -> list[StoredFile]:
+            query = "SELECT id, owner, purpose, filename, bytes, created_at FROM files WHERE owner = ?"
+            args: list[object] = [owner]
+            if purpose:
+                query += " AND purpose = ?"
+                args.append(purpose)
+            if after:
+                anchor = db.execute("SELECT created_at FROM files WHERE id = ? AND owner = ?", (after, owner)).fetchone()
+                if anchor is None:
+                    return []
+                query += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+                args += [anchor[0], anchor[0], after]
+            rows = db.execute(query + " ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit)).fetchall()
+            return [StoredFile(*row) for row in rows]
+
+        return await self._run(get)
+
     async def file_content(self, file_id: str, owner: str) -> bytes | None:
         def get(db: sqlite3.Connection) -> bytes | None:
             row = db.execute("SELECT content FROM files WHERE id = ? AND owner = ?", (file_id, owner)).fetchone()
@@ -256,6 +276,15 @@ class BatchStore:
                 )
 
         await self._run(add)
+
+    async def count_results(self, batch_id: str) -> tuple[int, int]:
+        """(succeeded, failed) lines so far."""
+
+        def count(db: sqlite3.Connection) -> tuple[int, int]:
+            rows = dict(db.execute("SELECT ok, COUNT(*) FROM results WHERE batch_id = ? GROUP BY ok", (batch_id,)).fetchall())
+            return rows.get(1, 0), rows.get(0, 0)
+
+        return await self._run(count)
 
     async def results(self, batch_id: str) -> list[Result]:
         def get(db: sqlite3.Connection) -> list[Result]:

@@ -88,13 +88,13 @@ def jsonl(lines: list[dict[str, Any]]) -> bytes:
     return b"".join(orjson.dumps(line) + b"\n" for line in lines)
 
 
-def chat_lines(count: int, url: str = "/v1/chat/completions") -> list[dict[str, Any]]:
+def chat_lines(count: int, url: str = "/v1/chat/completions", max_tokens: int = 8) -> list[dict[str, Any]]:
     return [
         {
             "custom_id": f"req-{i}",
             "method": "POST",
             "url": url,
-            "body": {"model": "sim-llm", "messages": [{"role": "user", "content": f"Question number {i}?"}], "max_tokens": 8},
+            "body": {"model": "sim-llm", "messages": [{"role": "user", "content": f"Question number {i}?"}], "max_tokens": max_tokens},
         }
         for i in range(count)
     ]

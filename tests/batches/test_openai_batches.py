@@ -130,7 +130,7 @@ async def test_cancel_stops_a_waiting_batch(rig: Rig) -> None:
 async def test_a_restart_mid_batch_resumes_without_duplicates(rig: Rig) -> None:
     first = await rig.start(max_concurrency=1)
     client = rig.client()
-    lines = chat_lines(12)
+    lines = chat_lines(12, max_tokens=300)  # natural lengths (16-128 tokens): the restart lands mid-batch
     batch = await client.batches.create(
         input_file_id=(await upload(client, jsonl(lines))).id, endpoint="/v1/chat/completions", completion_window="24h"
     )
@@ -172,6 +172,8 @@ async def test_other_credentials_see_nothing(rig: Rig) -> None:
         with pytest.raises(openai.NotFoundError):
             await call
     assert (await other.batches.list()).data == []
+    assert (await other.files.list()).data == []
+    assert [f.id for f in (await owner.files.list(purpose="batch")).data] == [file.id]
     assert [b.id for b in (await owner.batches.list()).data] == [batch.id]
     async with aiohttp.ClientSession() as session:  # no credential at all
         async with session.get(f"http://127.0.0.1:{rig.service.public_port}/v1/batches/{batch.id}") as response:
