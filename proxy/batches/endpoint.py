@@ -92,20 +92,11 @@ class BatchApi:
         return error_response(405, "method_not_allowed", "a file is read with GET or removed with DELETE")
 
     async def _list_files(self, request: LocalRequest, owner: str) -> LocalResponse:
-        text = request.query.get("limit", "10000")
-        if not text.isdigit() or not 1 <= int(text) <= 10000:
-            return error_response(400, "invalid_request_error", f"limit must be a whole number from 1 to 10000, got {text[:32]!r}")
-        limit = int(text)
+        limit = _limit(request, default=10000, maximum=10000)
+        if isinstance(limit, LocalResponse):
+            return limit
         page = await self.store.list_files(owner, request.query.get("purpose") or None, request.query.get("after") or None, limit + 1)
-        data = [f.public() for f in page[:limit]]
-        body = {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": len(page) > limit,
-        }
-        return json_response(200, body)
+        return _page([f.public() for f in page[:limit]], has_more=len(page) > limit)
 
     async def _upload(self, request: LocalRequest, owner: str) -> LocalResponse:
         try:
@@ -157,20 +148,11 @@ class BatchApi:
         return batch
 
     async def _list(self, request: LocalRequest, owner: str) -> LocalResponse:
-        text = request.query.get("limit", "20")
-        if not text.isdigit() or not 1 <= int(text) <= 100:
-            return error_response(400, "invalid_request_error", f"limit must be a whole number from 1 to 100, got {text[:32]!r}")
-        limit = int(text)
+        limit = _limit(request, default=20, maximum=100)
+        if isinstance(limit, LocalResponse):
+            return limit
         page = await self.store.list_batches(owner, request.query.get("after") or None, limit + 1)
-        data = [await self._public(b) for b in page[:limit]]
-        body = {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": len(page) > limit,
-        }
-        return json_response(200, body)
+        return _page([await self._public(b) for b in page[:limit]], has_more=len(page) > limit)
 
     async def _create(self, request: LocalRequest, owner: str) -> LocalResponse:
         try:
@@ -253,3 +235,23 @@ def _no_file(file_id: str) -> LocalResponse:
 
 def _no_batch(batch_id: str) -> LocalResponse:
     return error_response(404, "not_found_error", f"no batch {batch_id[:128]!r} for this credential")
+
+
+def _limit(request: LocalRequest, *, default: int, maximum: int) -> int | LocalResponse:
+    """The `limit` query parameter of a list call, or the 400 that says what is wrong."""
+    text = request.query.get("limit", str(default))
+    if not text.isdigit() or not 1 <= int(text) <= maximum:
+        return error_response(400, "invalid_request_error", f"limit must be a whole number from 1 to {maximum}, got {text[:32]!r}")
+    return int(text)
+
+
+def _page(data: list[dict[str, Any]], *, has_more: bool) -> LocalResponse:
+    """One page of an OpenAI list object."""
+    body = {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+    return json_response(200, body)
