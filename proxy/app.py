@@ -339,7 +339,7 @@ class ProxyServer:
             extra_headers[ROUTE_HEADER] = route.header_value()
         admission = OPEN
         if self.budgets.enabled:  # reserve the predicted grams now; the receipt settles them
-            limit = requested_output_tokens(raw_body)
+            limit = requested_output_tokens(raw_body, data)
             admission = await self.budgets.admit(tenant, receipt_id, info.model, info.prompt_tokens_estimate, limit)
         if admission.remaining_grams is not None:
             extra_headers[REMAINING_HEADER] = format_grams(admission.remaining_grams)

@@ -111,9 +111,10 @@ class CostModel:
         return OTHER_MODELS  # beyond the cap, unknown names share one entry
 
 
-def requested_output_tokens(body: bytes | None) -> int | None:
-    """The output limit a request body names (max_tokens and its dialect cousins)."""
-    data = parse_json_object(body) if body else None
+def requested_output_tokens(body: bytes | None, parsed: dict[str, Any] | None = None) -> int | None:
+    """The output limit a request body names (max_tokens and its dialect cousins).
+    `parsed`: the body already parsed by the caller (routing), so it is not parsed twice."""
+    data = parsed if parsed is not None else (parse_json_object(body) if body else None)
     if data is None:
         return None
     for name in _TOP_LEVEL_LIMITS:
