@@ -19,6 +19,8 @@ import argparse
 import asyncio
 import io
 import math
+import multiprocessing
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,10 +32,12 @@ import aiohttp  # noqa: E402
 import openai  # noqa: E402
 import orjson  # noqa: E402
 
-from bench._common import percentile, spread  # noqa: E402
+import bench._loadgen as _loadgen  # noqa: E402
+from bench._common import ROOT, free_port, percentile, python_env, spread, wait_http  # noqa: E402
 from proxy.batches.fake_forecast import ScriptedGrid  # noqa: E402
 from proxy.carbon.forecast import ForecastWindow, flat  # noqa: E402
 from proxy.config import config_from_dict  # noqa: E402
+from proxy.meters.scrape import make_scrape_meter  # noqa: E402
 from proxy.meters.sim import SimMeter  # noqa: E402
 from proxy.receipts.model import MemoryReceiptStore  # noqa: E402
 from proxy.serve import Service  # noqa: E402

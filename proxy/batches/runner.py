@@ -3,7 +3,8 @@
 One task per unfinished batch. All changes to a batch's record go through `update`
 (one lock per batch, read-modify-write), so a cancel from the API and the runner's own
 progress never overwrite each other. Lines share one concurrency cap over all batches
-and wait while interactive traffic is heavy.
+(`max_concurrency`, lowered and paused by the latency guard while interactive latency is
+over its objective) and wait while interactive traffic is heavy.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 
 from proxy.batches.clock import Clock
+from proxy.batches.latency_guard import LatencyGuard
 from proxy.batches.scheduler import plan
 from proxy.batches.sender import Answer, LineSender
 from proxy.batches.settings import BatchSettings
@@ -49,6 +51,7 @@ class BatchRunner:
         receipt_grams: ReceiptGrams | None = None,
         on_line: Callable[[str], None] = lambda state: None,
         on_avoided: Callable[[float], None] = lambda grams: None,
+        guard: LatencyGuard | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -59,12 +62,14 @@ class BatchRunner:
         self._receipt_grams = receipt_grams
         self._on_line = on_line
         self._on_avoided = on_avoided
-        self._slots = asyncio.Semaphore(settings.max_concurrency)
+        self.guard = guard
+        self._line_ended = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.seconds_per_line = DEFAULT_SECONDS_PER_LINE
         self.lines_in_flight = 0
+        self._unstarted: dict[str, int] = {}
 
     async def start(self) -> None:
         """Resume every batch a previous run left unfinished."""
@@ -129,10 +134,14 @@ class BatchRunner:
         wake = self._wake[batch_id]
         pending = await self.store.pending_lines(batch_id)
         if batch["status"] == "in_progress" and pending:
-            start = await self._plan(batch_id, batch, len(pending))
-            while self.clock.now() < start and not wake.is_set():
-                await self.clock.sleep_until(start, wake)
-            await self._send_lines(batch_id, batch, owner, pending, wake)
+            self._unstarted[batch_id] = len(pending)
+            try:
+                start = await self._plan(batch_id, batch, len(pending))
+                while self.clock.now() < start and not wake.is_set():
+                    await self.clock.sleep_until(start, wake)
+                await self._send_lines(batch_id, batch, owner, pending, wake)
+            finally:
+                del self._unstarted[batch_id]
         await self._finish(batch_id, batch["expires_at"])
 
     async def _plan(self, batch_id: str, batch: dict[str, Any], lines: int) -> float:
@@ -153,23 +162,54 @@ class BatchRunner:
         submitted = float(batch["carbon"]["submitted_g_per_kwh"])
         running: set[asyncio.Task[None]] = set()
         for line in pending:
-            await self._slots.acquire()
-            await self._yield_to_interactive()
+            await self._admission(wake)
             if wake.is_set() or self.clock.now() >= deadline:
-                self._slots.release()
                 break  # cancelled, or the deadline passed: the rest does not start
+            self._started(1)  # counted now: the next admission sees it
+            self._unstarted[batch_id] -= 1
             task = asyncio.create_task(self._one(batch_id, batch["endpoint"], owner, line, submitted))
             running.add(task)
             task.add_done_callback(running.discard)
         await asyncio.gather(*running, return_exceptions=True)
 
-    async def _yield_to_interactive(self) -> None:
-        limit = self.settings.yield_above_in_flight
-        while limit and self._interactive() - self.lines_in_flight > limit:
-            await asyncio.sleep(0.05)
+    @property
+    def lines_deferred(self) -> int:
+        """Lines of running batches not started yet: waiting for their window or for room."""
+        return sum(self._unstarted.values())
+
+    def is_line(self, request_id: str) -> bool:
+        """A request the runner sent: `<batch id>-<line>` of a batch it is running (batch
+        ids are random, so a client cannot pass its own requests off as lines)."""
+        batch_id, _, line_no = request_id.rpartition("-")
+        return line_no.isdigit() and batch_id in self._tasks
+
+    def allowed_lines(self) -> int:
+        """Lines that may be in flight now: the cap, or the latency guard's (0: paused)."""
+        if self.guard is not None:
+            return min(self.settings.max_concurrency, self.guard.allowed_lines())
+        return self.settings.max_concurrency
+
+    async def _admission(self, wake: asyncio.Event) -> None:
+        """Wait for room under the line limit and for interactive traffic to allow a line."""
+        crowd = self.settings.yield_above_in_flight
+        while not wake.is_set():
+            crowded = crowd and self._interactive() - self.lines_in_flight > crowd
+            if not crowded and self.lines_in_flight < self.allowed_lines():
+                return
+            self._line_ended.clear()
+            try:  # a line ending frees room at once; the guard and the crowd are polled
+                await asyncio.wait_for(self._line_ended.wait(), 0.05)
+            except asyncio.TimeoutError:
+                pass
+
+    def _started(self, change: int) -> None:
+        self.lines_in_flight += change
+        if self.guard is not None:
+            self.guard.lines_changed(self.lines_in_flight)
+        if change < 0:
+            self._line_ended.set()
 
     async def _one(self, batch_id: str, endpoint: str, owner: tuple[str, str], line: Line, submitted_g_per_kwh: float) -> None:
-        self.lines_in_flight += 1
         began = self.clock.now()  # the clock the plan is made in (a bench compresses it)
         request_id = f"{batch_id}-{line.line_no}"
         try:
@@ -184,8 +224,7 @@ class BatchRunner:
             # Lines overlap max_concurrency at a time: one line's share of the clock.
             self.seconds_per_line = 0.8 * self.seconds_per_line + 0.2 * max(0.0, self.clock.now() - began)
         finally:
-            self.lines_in_flight -= 1
-            self._slots.release()
+            self._started(-1)
 
     async def _finish(self, batch_id: str, expires_at: float) -> None:
         """Write the output and error files, then end the batch (cancelled, expired or completed)."""

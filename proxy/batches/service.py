@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.batches.clock import Clock, WallClock
 from proxy.batches.endpoint import BatchApi
+from proxy.batches.latency_guard import LatencyGuard
 from proxy.batches.metrics import BatchMetrics
 from proxy.batches.runner import BatchRunner
 from proxy.batches.sender import BatchIdentity, LineSender
@@ -38,6 +39,16 @@ class BatchService:
         self.identity = BatchIdentity()
         self.store = BatchStore(settings.path or ":memory:")
         self._sweeper: asyncio.Task[None] | None = None
+        self.guard = (
+            LatencyGuard(
+                settings.max_concurrency,
+                settings.interactive_latency_window_seconds,
+                settings.interactive_latency_objective_seconds,
+                settings.interactive_latency_objective_ratio,
+            )
+            if settings.latency_guarded
+            else None
+        )
         self.metrics = BatchMetrics()
         if registry is not None:
             registry.register(self.metrics)
@@ -51,7 +62,11 @@ class BatchService:
             receipt_grams=self._receipt_grams,
             on_line=self.metrics.line_ended,
             on_avoided=self.metrics.batch_avoided,
+            guard=self.guard,
         )
+        self.metrics.runner = self.runner
+        if self.guard is not None:
+            proxy.on_record(self._observe)
         self.api = BatchApi(self.store, self.runner, settings, self.clock, self._intensity_now)
         proxy.internal_identity = self.identity.vouched
         for endpoint in self.api.endpoints():
@@ -61,6 +76,12 @@ class BatchService:
         if self._forecast_source is not None:
             return self._forecast_source.forecast(now_unix, horizon_seconds) or forecast_of(self.proxy.intensity, now_unix, horizon_seconds)
         return forecast_of(self.proxy.intensity, now_unix, horizon_seconds)
+
+    def _observe(self, receipt: Any, figures: Any, exchange: Any) -> None:
+        """Every receipt record (the proxy's hook): interactive latency for the guard."""
+        assert self.guard is not None
+        latency = receipt.time_to_first_byte_seconds if receipt.outcome == "ok" else None
+        self.guard.observe(receipt.receipt_id, receipt.upstream, latency, self.runner.is_line(receipt.request_id))
 
     def _intensity_now(self) -> float:
         return float(self.proxy.intensity.at(self.clock.now()).g_per_kwh)

@@ -10,7 +10,8 @@ from typing import Any
 from proxy.errors import ConfigError
 
 _KEYS = frozenset(
-    ("enabled", "path", "max_file_bytes", "max_lines", "max_concurrency", "retention_days", "safety_margin_seconds", "yield_above_in_flight")
+    ("enabled", "path", "max_file_bytes", "max_lines", "max_concurrency", "retention_days", "safety_margin_seconds", "yield_above_in_flight",
+     "interactive_latency_objective_seconds", "interactive_latency_objective_ratio", "interactive_latency_window_seconds")
 )
 
 
@@ -30,6 +31,17 @@ class BatchSettings:
     """The plan ends this long before the deadline, so a slow run still finishes."""
     yield_above_in_flight: int = 64
     """Batch lines wait while more interactive requests than this are in flight (0: never wait)."""
+    interactive_latency_objective_seconds: float | None = None
+    """Batch lines pause while interactive p95 time to first byte on their upstream is
+    over this (None: no absolute objective). See proxy.batches.latency_guard."""
+    interactive_latency_objective_ratio: float | None = 1.1
+    """...or over this multiple of its p95 with no batch line running (None: no relative one)."""
+    interactive_latency_window_seconds: float = 2.0
+    """How often the objective is judged (on the requests that ended in the window)."""
+
+    @property
+    def latency_guarded(self) -> bool:
+        return self.interactive_latency_objective_seconds is not None or self.interactive_latency_objective_ratio is not None
 
 
 def _whole(key: str, value: Any, minimum: int) -> int:
@@ -58,6 +70,19 @@ def parse_batches(table: Any, receipts_path: str = "carbon-proxy.db") -> BatchSe
     margin = table.get("safety_margin_seconds", defaults.safety_margin_seconds)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
         raise ConfigError("batches.safety_margin_seconds", f"expected a number of seconds >= 0, got {margin!r}")
+    objective = table.get("interactive_latency_objective_seconds")
+    if objective is not None and not _positive(objective):
+        raise ConfigError("batches.interactive_latency_objective_seconds", f"expected a number of seconds > 0, got {objective!r}")
+    ratio = table.get("interactive_latency_objective_ratio", defaults.interactive_latency_objective_ratio)
+    if ratio == 0 and not isinstance(ratio, bool):
+        ratio = None  # 0 turns the relative objective off
+    elif not _positive(ratio) or ratio <= 1:
+        raise ConfigError(
+            "batches.interactive_latency_objective_ratio", f"expected a number > 1 (1.1: 10 % over latency alone) or 0 (off), got {ratio!r}"
+        )
+    window = table.get("interactive_latency_window_seconds", defaults.interactive_latency_window_seconds)
+    if not _positive(window):
+        raise ConfigError("batches.interactive_latency_window_seconds", f"expected a number of seconds > 0, got {window!r}")
     return BatchSettings(
         enabled=enabled,
         path=path,
@@ -67,4 +92,11 @@ def parse_batches(table: Any, receipts_path: str = "carbon-proxy.db") -> BatchSe
         retention_days=_whole("batches.retention_days", table.get("retention_days", defaults.retention_days), 1),
         safety_margin_seconds=float(margin),
         yield_above_in_flight=_whole("batches.yield_above_in_flight", table.get("yield_above_in_flight", defaults.yield_above_in_flight), 0),
+        interactive_latency_objective_seconds=None if objective is None else float(objective),
+        interactive_latency_objective_ratio=None if ratio is None else float(ratio),
+        interactive_latency_window_seconds=float(window),
     )
+
+
+def _positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
