@@ -70,7 +70,7 @@ class LatencyGuard:
         self.window_seconds = window_seconds
         self.objective_seconds = objective_seconds
         self.objective_ratio = objective_ratio
-        self._clock = clock
+        self.clock = clock
         self.limit = max_lines
         """Lines allowed in flight when not paused (AIMD)."""
         self.paused = False
@@ -101,7 +101,7 @@ class LatencyGuard:
             self._seen.popitem(last=False)
         self._judge()
         if batch_line:
-            self._batch_upstreams[upstream] = self._clock()
+            self._batch_upstreams[upstream] = self.clock()
         elif latency_seconds is not None and latency_seconds >= 0:
             self._samples.setdefault(upstream, []).append(latency_seconds)
 
@@ -125,7 +125,7 @@ class LatencyGuard:
     # -- the verdict, once per window -----------------------------------------------------
 
     def _judge(self) -> None:
-        now = self._clock()
+        now = self.clock()
         if now - self._window_start < self.window_seconds:
             return
         samples, clean = self._samples, not self._dirty
