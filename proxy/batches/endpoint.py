@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 
 from proxy.batches.clock import Clock
-from proxy.batches.lines import ENDPOINTS, parse_input
+from proxy.batches.lines import ENDPOINTS
 from proxy.batches.multipart import MultipartError, parse_form
 from proxy.batches.runner import BatchRunner
 from proxy.batches.settings import BatchSettings
@@ -180,8 +180,6 @@ class BatchApi:
             return error_response(404, "invalid_request_error", f"no file {str(file_id)[:128]!r} for this credential (input_file_id)")
         if file.purpose != "batch":
             return _bad_param("input_file_id", f"the file's purpose is {file.purpose!r}, not 'batch'")
-        content = await self.store.file_content(file.id, owner) or b""
-        parsed = await asyncio.to_thread(parse_input, content, endpoint, self.settings.max_lines)
         now = int(self.clock.now())
         batch: dict[str, Any] = {
             "id": new_id("batch"),
@@ -190,11 +188,11 @@ class BatchApi:
             "errors": None,
             "input_file_id": file.id,
             "completion_window": window,
-            "status": "in_progress",
+            "status": "validating",  # the runner checks the input file, off the event loop
             "output_file_id": None,
             "error_file_id": None,
             "created_at": now,
-            "in_progress_at": now,
+            "in_progress_at": None,
             "expires_at": now + COMPLETION_WINDOW_SECONDS[window],
             "finalizing_at": None,
             "completed_at": None,
@@ -202,7 +200,7 @@ class BatchApi:
             "expired_at": None,
             "cancelling_at": None,
             "cancelled_at": None,
-            "request_counts": {"total": len(parsed.lines), "completed": 0, "failed": 0},
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
             "metadata": metadata,
             "carbon": {
                 "submitted_g_per_kwh": round(self._intensity_now(), 3),
@@ -213,13 +211,7 @@ class BatchApi:
                 "avoided_grams": None,
             },
         }
-        if parsed.errors:  # OpenAI fails the whole batch and lists the bad lines
-            batch.update(status="failed", in_progress_at=None, failed_at=now, errors={"object": "list", "data": parsed.errors})
-            batch["request_counts"]["total"] = 0
-            await self.store.add_batch(batch, owner, request.tenant, [])
-            await self.store.save_batch(batch, ended_at=now)
-            return json_response(200, batch)
-        await self.store.add_batch(batch, owner, request.tenant, parsed.lines)
+        await self.store.add_batch(batch, owner, request.tenant, [])
         self.runner.submit(batch["id"])
         return json_response(200, batch)
 

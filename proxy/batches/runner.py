@@ -19,6 +19,7 @@ import orjson
 
 from proxy.batches.clock import Clock
 from proxy.batches.latency_guard import LatencyGuard
+from proxy.batches.lines import Parsed, parse_input
 from proxy.batches.scheduler import plan
 from proxy.batches.sender import Answer, LineSender
 from proxy.batches.settings import BatchSettings
@@ -131,6 +132,10 @@ class BatchRunner:
         owner = await self.store.owner_of(batch_id)
         if batch is None or owner is None or batch["status"] in TERMINAL:
             return
+        if batch["status"] == "validating":
+            batch = await self._validate(batch_id, batch)
+            if batch["status"] == "failed":
+                return
         wake = self._wake[batch_id]
         pending = await self.store.pending_lines(batch_id)
         if batch["status"] == "in_progress" and pending:
@@ -143,6 +148,33 @@ class BatchRunner:
             finally:
                 del self._unstarted[batch_id]
         await self._finish(batch_id, batch["expires_at"])
+
+    async def _validate(self, batch_id: str, batch: dict[str, Any]) -> dict[str, Any]:
+        """Check the input file (in a thread: a large file must not stall the listener),
+        then store its lines and go in_progress, or fail with every bad line in errors.data,
+        as OpenAI does. After a crash mid-check, the check runs again."""
+        owner = await self.store.owner_of(batch_id)
+        assert owner is not None
+        content = await self.store.file_content(batch["input_file_id"], owner[0])
+        if content is None:
+            gone = "the input file was deleted before it was checked"
+            parsed = Parsed(errors=[{"code": "invalid_file", "message": gone, "param": "input_file_id", "line": None}])
+        else:
+            parsed = await asyncio.to_thread(parse_input, content, batch["endpoint"], self.settings.max_lines)
+        async with self._locks.setdefault(batch_id, asyncio.Lock()):
+            current = await self.store.batch(batch_id)
+            assert current is not None
+            now = int(self.clock.now())
+            if current["status"] != "validating":  # cancelled while it was checked: no lines
+                return current
+            if parsed.errors:
+                current.update(status="failed", failed_at=now, errors={"object": "list", "data": parsed.errors})
+                await self.store.save_batch(current, ended_at=now)
+                return current
+            current.update(status="in_progress", in_progress_at=now)
+            current["request_counts"]["total"] = len(parsed.lines)
+            await self.store.add_lines(current, parsed.lines)
+            return current
 
     async def _plan(self, batch_id: str, batch: dict[str, Any], lines: int) -> float:
         now = self.clock.now()

@@ -213,6 +213,19 @@ class BatchStore:
             )
         )
 
+    async def add_lines(self, batch: dict[str, Any], lines: list[Line]) -> None:
+        """A validated batch's lines and its new record (in_progress), together or not at all."""
+
+        def add(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("BEGIN")
+                db.execute("UPDATE batches SET data = ? WHERE id = ?", (orjson.dumps(batch).decode(), batch["id"]))
+                db.executemany(
+                    "INSERT INTO lines VALUES (?, ?, ?, ?)", [(batch["id"], l.line_no, l.custom_id, l.body) for l in lines]
+                )
+
+        await self._run(add)
+
     async def list_batches(self, owner: str, after: str | None, limit: int) -> list[dict[str, Any]]:
         """Newest first, as OpenAI lists them; `after` is the last id of the previous page."""
 

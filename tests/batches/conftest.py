@@ -111,3 +111,15 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, seconds: float 
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"gave up waiting for {what}")
+
+
+async def checked(client: openai.AsyncOpenAI, batch_id: str) -> Any:
+    """The batch once its input file has been checked (validating -> in_progress or failed)."""
+    found: list[Any] = []
+
+    async def done() -> bool:
+        found[:] = [await client.batches.retrieve(batch_id)]
+        return found[0].status != "validating"
+
+    await until(done, "the input file's check")
+    return found[0]

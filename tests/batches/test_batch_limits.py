@@ -8,7 +8,7 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from conftest import Rig, chat_lines, jsonl, upload
+from conftest import Rig, chat_lines, checked, jsonl, until, upload
 from helpers import start_proxy, start_upstream
 
 from proxy.batches.sender import BATCH_HEADER
@@ -24,10 +24,12 @@ async def test_bad_lines_fail_the_batch_with_each_line_named(rig: Rig) -> None:
     good[3]["method"] = "GET"
     good[4]["body"] = {"model": "sim-llm", "messages": [], "stream": True}
     content = jsonl(good[:1]) + b"{not json\n" + jsonl(good[1:])
-    batch = await client.batches.create(
+    created = await client.batches.create(
         input_file_id=(await upload(client, content)).id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    assert batch.status == "failed" and batch.failed_at is not None
+    assert created.status == "validating" and created.request_counts.total == 0  # checked after the answer, as OpenAI
+    batch = await checked(client, created.id)
+    assert batch.status == "failed" and batch.failed_at is not None and batch.in_progress_at is None
     found = [(e.line, e.code) for e in batch.errors.data]
     assert found == [
         (2, "invalid_json_line"),
@@ -42,9 +44,10 @@ async def test_bad_lines_fail_the_batch_with_each_line_named(rig: Rig) -> None:
 async def test_limits_are_enforced_with_the_key_named(rig: Rig) -> None:
     await rig.start(max_lines=3, max_file_bytes=2000)
     client = rig.client()
-    too_many = await client.batches.create(
+    created = await client.batches.create(
         input_file_id=(await upload(client, jsonl(chat_lines(4)))).id, endpoint="/v1/chat/completions", completion_window="24h"
     )
+    too_many = await checked(client, created.id)
     assert too_many.status == "failed"
     assert too_many.errors.data[0].code == "too_many_requests" and "batches.max_lines" in too_many.errors.data[0].message
     with pytest.raises(openai.APIStatusError) as big:
@@ -132,3 +135,46 @@ async def test_disabled_the_paths_reach_an_upstream_that_serves_its_own() -> Non
     finally:
         await service.stop()
         await runner.cleanup()
+
+
+async def test_a_batch_is_validating_while_its_file_is_checked_and_the_check_survives_a_restart(rig: Rig, monkeypatch) -> None:
+    import threading
+
+    import proxy.batches.runner as runner_module
+
+    gate = threading.Event()  # holds the check (in its worker thread) until the test lets it go
+    real = runner_module.parse_input
+
+    def held(*args):
+        gate.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(runner_module, "parse_input", held)
+    first = await rig.start(scripted=False)
+    client = rig.client()
+    made = [
+        await client.batches.create(
+            input_file_id=(await upload(client, jsonl(chat_lines(2)))).id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        for _ in range(2)
+    ]
+    to_cancel, to_resume = (b.id for b in made)
+    assert (await client.batches.retrieve(to_resume)).status == "validating"  # still being checked
+    assert (await client.batches.cancel(to_cancel)).status == "cancelling"
+    rig.services.remove(first)
+    await first.stop()  # a crash mid-check: the batch is still validating in the database
+    gate.set()
+    monkeypatch.undo()
+
+    await rig.start(scripted=False)
+    client = rig.client()
+    cancelled = await checked(client, to_cancel)
+    resumed = await checked(client, to_resume)
+    assert resumed.status in ("in_progress", "finalizing", "completed") and resumed.request_counts.total == 2
+    for batch_id, status in ((to_cancel, "cancelled"), (to_resume, "completed")):
+        async def ended(batch_id: str = batch_id, status: str = status) -> bool:
+            return (await client.batches.retrieve(batch_id)).status == status
+
+        await until(ended, f"{batch_id} {status}")
+    assert cancelled.request_counts.completed == 0
+    assert (await client.batches.retrieve(to_resume)).request_counts.completed == 2

@@ -8,7 +8,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from conftest import HOUR, OWNER_HASH, T0, Rig, chat_lines, jsonl, until, upload
+from conftest import HOUR, OWNER_HASH, T0, Rig, chat_lines, checked, jsonl, until, upload
 
 from proxy.receipts.model import ReceiptQuery
 
@@ -42,7 +42,9 @@ async def test_lines_run_in_the_cleanest_window_and_match_the_upstream(rig: Rig)
     batch = await client.batches.create(
         input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"job": "nightly"}
     )
-    assert batch.status == "in_progress" and batch.request_counts.total == 6 and batch.metadata == {"job": "nightly"}
+    assert batch.status == "validating" and batch.in_progress_at is None and batch.metadata == {"job": "nightly"}
+    batch = await checked(client, batch.id)
+    assert batch.status == "in_progress" and batch.request_counts.total == 6 and batch.in_progress_at == T0
     carbon = await _planned(rig, batch.id)
     assert carbon["planned_start_at"] == T0 + 6 * HOUR  # the 100 g/kWh window, not now (400)
     assert carbon["submitted_g_per_kwh"] == 400
