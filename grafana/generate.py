@@ -322,10 +322,33 @@ def grid() -> dict[str, Any]:
         timeseries("Where the routing policy sends requests", [
             target(f"sum by (upstream) (rate(carbon_proxy_routed_requests_total{{{INST}}}[$__rate_interval]))", "{{upstream}}"),
         ], "reqps", w=9, stack=True),
+        row("Deferred work (Batch API)"),
+        stat("Avoided by batches, last 24 h", f"sum(increase(carbon_proxy_batch_avoided_co2e_grams_total{{{INST}}}[1d]))",
+             "suffix: g", decimals=1, w=6,
+             description="Grams finished batches emitted less than they would have run at submission "
+                         "(each batch's carbon.avoided_grams)."),
+        stat("Lines deferred now", f"sum(carbon_proxy_batch_lines_deferred{{{INST}}})", "short", decimals=0, w=6,
+             description="Lines of accepted batches not started yet: waiting for their low-carbon window, or for room."),
+        stat("Guard breaches, last 1 h", f"sum(increase(carbon_proxy_batch_latency_breaches_total{{{INST}}}[1h]))", "short",
+             decimals=0, w=6, thresholds=[(None, "green"), (1, "orange")],
+             description="Windows in which interactive p95 latency was over its objective: batch lines paused and their limit halved."),
+        stat("Batch line limit now", f"sum(carbon_proxy_batch_line_limit{{{INST}}})", "short", decimals=0, w=6,
+             description="Lines allowed in flight: [batches] max_concurrency, lowered by the latency guard; 0 = paused."),
+        timeseries("Batch lines deferred, in flight and allowed", [
+            target(f"sum(carbon_proxy_batch_lines_deferred{{{INST}}})", "deferred"),
+            target(f"sum(carbon_proxy_batch_lines_in_flight{{{INST}}})", "in flight"),
+            target(f"sum(carbon_proxy_batch_line_limit{{{INST}}})", "allowed (latency guard)"),
+        ], "short", w=8),
+        timeseries("Batch lines ended per minute, by state", [
+            target(f"sum by (state) (rate(carbon_proxy_batch_lines_total{{{INST}}}[$__rate_interval])) * 60", "{{state}}"),
+        ], "short", w=8, stack=True),
+        timeseries("gCO2e avoided by batches per hour", [
+            target(f"sum(rate(carbon_proxy_batch_avoided_co2e_grams_total{{{INST}}}[$__rate_interval])) * 3600", "avoided"),
+        ], "suffix: g/h", w=8),
     ]  # fmt: skip
     variables = [variable("instance", "Proxy", "carbon_proxy_grid_intensity_grams_per_joule", "instance")]
     return dashboard("carbon-proxy-grid", "carbon-proxy: grid intensity",
-                     "The grid carbon intensity the proxy prices energy with, its source and staleness.", variables, panels)  # fmt: skip
+                     "The grid carbon intensity the proxy prices energy with, its source and staleness; work shifted in space and time.", variables, panels)  # fmt: skip
 
 
 # -- Grafana alert rules from the Prometheus ones ------------------------------------------
