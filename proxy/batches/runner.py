@@ -73,7 +73,13 @@ class BatchRunner:
         self._unstarted: dict[str, int] = {}
 
     async def start(self) -> None:
-        """Resume every batch a previous run left unfinished."""
+        """Resume every batch a previous run left unfinished, with the time per line the
+        last finished batch learned (a restart does not plan from the cold guess)."""
+        for batch in reversed(await self.store.all_batches()):
+            learned = (batch.get("carbon") or {}).get("seconds_per_line")
+            if batch["status"] in TERMINAL and isinstance(learned, (int, float)) and learned > 0:
+                self.seconds_per_line = float(learned)
+                break
         for batch_id in await self.store.unfinished():
             self.submit(batch_id)
 
@@ -286,6 +292,7 @@ class BatchRunner:
         emitted = sum(r.grams for r in results)
         run_now = sum(r.counterfactual_grams for r in results)
         final = "cancelled" if cancelled else ("expired" if pending else "completed")
+        ran = any(r.receipt_id for r in results)
 
         def end(b: dict[str, Any]) -> None:
             b.update(status=final, output_file_id=output_id, error_file_id=error_id)
@@ -298,6 +305,8 @@ class BatchRunner:
             b["carbon"].update(
                 emitted_grams=round(emitted, 9), run_now_grams=round(run_now, 9), avoided_grams=round(run_now - emitted, 9)
             )
+            if ran:
+                b["carbon"]["seconds_per_line"] = round(self.seconds_per_line, 6)  # the next start plans from it
 
         await self.update(batch_id, end, ended=True)
         await self.store.forget_lines(batch_id)

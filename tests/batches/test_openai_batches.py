@@ -218,3 +218,23 @@ async def test_the_command_line_lists_batches_and_avoided_grams(rig: Rig, capsys
     assert row.split()[1] == "completed" and f"{done.model_extra['carbon']['avoided_grams']:.4f}" in row
     assert await asyncio.to_thread(main, ["batches", "--db", path, "--format", "json"]) == 0
     assert '"avoided_grams"' in capsys.readouterr().out
+
+
+async def test_a_restart_plans_with_the_time_per_line_learned_before_it(rig: Rig) -> None:
+    from proxy.batches.runner import DEFAULT_SECONDS_PER_LINE
+
+    first = await rig.start()
+    client = rig.client()
+    batch = await client.batches.create(
+        input_file_id=(await upload(client, jsonl(chat_lines(4)))).id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    await _planned(rig, batch.id)
+    rig.clock.set(T0 + 6 * HOUR)
+    done = await _ended(rig, batch.id, "completed")
+    learned = done.model_extra["carbon"]["seconds_per_line"]
+    assert learned != DEFAULT_SECONDS_PER_LINE and learned == round(first.batches.runner.seconds_per_line, 6)
+    rig.services.remove(first)
+    await first.stop()
+
+    await rig.start()  # same database: not the cold guess
+    assert rig.service.batches.runner.seconds_per_line == learned
