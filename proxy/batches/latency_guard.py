@@ -16,10 +16,14 @@ in it, per upstream:
   baseline (or one older than BASELINE_MAX_AGE_SECONDS) the guard pauses lines for one
   window to measure it.
 
-Control (AIMD, as TCP's congestion window): a window over objective pauses new lines
-(those in flight finish) and halves the line limit; the first window back under the
-objective resumes at that limit, and each further healthy window adds one line, up to
-`max_concurrency`. Only upstreams that batch lines ran on recently are judged (a slow
+Control (as TCP's congestion window): the limit starts at one line and doubles each
+healthy window (slow start: no jump from idle to `max_concurrency` lines at once) until
+the first breach; then AIMD: a window over objective pauses new lines (those in flight
+finish) and halves the limit, the first window back under resumes at that limit, and
+each further healthy window adds one line, up to `max_concurrency`. The limit only grows
+in windows when lines ran (RFC 7661's rule: a limit never tried is not known to be
+safe), so hours without batches do not leave it wide open; nor does a window in which fewer
+lines ran than the limit allowed. Only upstreams that batch lines ran on recently are judged (a slow
 upstream no line touches is not the batches' doing), unless no line has finished yet.
 
 The guard has no task of its own: it judges when asked (`allowed_lines`), on its clock,
@@ -65,14 +69,16 @@ class LatencyGuard:
         objective_seconds: float | None = None,
         objective_ratio: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        initial_limit: int = 1,
     ) -> None:
         self.max_lines = max_lines
         self.window_seconds = window_seconds
         self.objective_seconds = objective_seconds
         self.objective_ratio = objective_ratio
         self.clock = clock
-        self.limit = max_lines
-        """Lines allowed in flight when not paused (AIMD)."""
+        self.limit = max(1, min(initial_limit, max_lines))
+        """Lines allowed in flight when not paused (slow start, then AIMD)."""
+        self._slow_start = self.limit < max_lines
         self.paused = False
         self.breaches = 0
         """Windows judged over objective since start (a metric)."""
@@ -81,6 +87,8 @@ class LatencyGuard:
         self._dirty = False
         """A batch line was in flight at some time in this window (not a baseline window)."""
         self._lines_in_flight = 0
+        self._peak = 0
+        """The most lines in flight at once in this window."""
         self._probing = False
         self._last_probe = float("-inf")
         self._probe_windows = 0
@@ -108,6 +116,7 @@ class LatencyGuard:
     def lines_changed(self, in_flight: int) -> None:
         """The runner's batch lines in flight, after each start and end."""
         self._lines_in_flight = in_flight
+        self._peak = max(self._peak, in_flight)
         if in_flight > 0:
             self._dirty = True
 
@@ -128,8 +137,9 @@ class LatencyGuard:
         now = self.clock()
         if now - self._window_start < self.window_seconds:
             return
-        samples, clean = self._samples, not self._dirty
+        samples, clean, peak = self._samples, not self._dirty, self._peak
         self._samples, self._dirty, self._window_start = {}, self._lines_in_flight > 0, now
+        self._peak = self._lines_in_flight
         figures = {name: p95(values) for name, values in samples.items() if len(values) >= MIN_SAMPLES}
         self.last_p95_seconds = figures
         if clean:
@@ -142,15 +152,15 @@ class LatencyGuard:
         if over:
             self.breaches += 1
             self.limit = max(1, self.limit // 2)
-            self.paused, self._probing = True, False
+            self.paused, self._probing, self._slow_start = True, False, False
         elif self._probing:
             self._probe_windows += 1  # lines in flight at the pause may take a window to end
             if clean or self._probe_windows >= MAX_PROBE_WINDOWS:
                 self.paused = self._probing = False
         elif self.paused:
             self.paused = False  # resume at the halved limit
-        else:
-            self.limit = min(self.max_lines, self.limit + 1)
+        elif peak >= self.limit:  # lines ran up to this limit and interactive latency held
+            self.limit = min(self.max_lines, self.limit * 2 if self._slow_start else self.limit + 1)
         if not self.paused and self._needs_baseline(figures, now, clean):
             self._probing, self.paused, self._last_probe, self._probe_windows = True, True, now, 0
 

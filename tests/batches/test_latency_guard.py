@@ -41,9 +41,10 @@ class Script:
         self.guard.observe(f"r{self.n}", upstream, 99.0, batch_line=True)
 
 
-def absolute(objective: float = 0.5, max_lines: int = 8) -> tuple[LatencyGuard, Script]:
+def absolute(objective: float = 0.5, max_lines: int = 8, opened: bool = False) -> tuple[LatencyGuard, Script]:
+    """`opened`: past slow start, at max_lines already."""
     clock = FakeClock()
-    guard = LatencyGuard(max_lines, WINDOW, objective_seconds=objective, clock=clock)
+    guard = LatencyGuard(max_lines, WINDOW, objective_seconds=objective, clock=clock, initial_limit=max_lines if opened else 1)
     return guard, Script(guard, clock)
 
 
@@ -51,47 +52,56 @@ FAST = [0.1] * 20
 SLOW = [0.1] * 10 + [0.9] * 10  # p95 0.9 s
 
 
-def test_a_breach_pauses_lines_and_halves_their_limit_then_each_healthy_window_adds_one() -> None:
+def test_slow_start_doubles_the_limit_until_a_breach_then_halves_it_and_adds_one_per_healthy_window() -> None:
     guard, script = absolute(max_lines=8)
-    assert guard.allowed_lines() == 8
+    assert guard.allowed_lines() == 1  # no jump from idle to max_concurrency lines
+    assert [script.window(FAST, lines_in_flight=n) for n in (1, 2, 4, 8)] == [2, 4, 8, 8]
     assert script.window(SLOW, lines_in_flight=8) == 0  # paused
     assert (guard.limit, guard.breaches) == (4, 1)
     assert script.window(SLOW) == 0  # still over: halved again, still paused
     assert (guard.limit, guard.breaches) == (2, 2)
     assert script.window(FAST, lines_in_flight=0) == 2  # back under: resumes at the halved limit
-    assert [script.window(FAST) for _ in range(8)] == [3, 4, 5, 6, 7, 8, 8, 8]
+    assert [script.window(FAST, lines_in_flight=n) for n in (2, 3, 4, 5, 6, 7, 8)] == [3, 4, 5, 6, 7, 8, 8]
+
+
+def test_the_limit_grows_only_in_windows_where_lines_ran_up_to_it() -> None:
+    guard, script = absolute(max_lines=8)
+    assert [script.window(FAST, lines_in_flight=0) for _ in range(5)] == [1] * 5  # no batch running: no evidence
+    assert script.window(FAST, lines_in_flight=1) == 2
+    assert script.window(FAST, lines_in_flight=1) == 2  # a batch's last line alone says nothing about 2
+    assert script.window(FAST, lines_in_flight=2) == 4
 
 
 def test_the_limit_never_falls_below_one_line() -> None:
     guard, script = absolute(max_lines=2)
     for _ in range(5):
-        assert script.window(SLOW) == 0
+        assert script.window(SLOW, lines_in_flight=1) == 0
     assert guard.limit == 1 and script.window(FAST) == 1
 
 
 def test_a_few_slow_requests_are_no_verdict_and_no_traffic_is_healthy() -> None:
-    guard, script = absolute(max_lines=4)
+    guard, script = absolute(max_lines=4, opened=True)
     assert script.window([5.0] * (MIN_SAMPLES - 1)) == 4  # below MIN_SAMPLES: no p95 to judge
     assert script.window([]) == 4 and guard.breaches == 0
     assert script.window([5.0] * MIN_SAMPLES) == 0
 
 
 def test_each_request_counts_once_however_often_its_receipt_is_recorded() -> None:
-    guard, script = absolute(max_lines=4)
+    guard, script = absolute(max_lines=4, opened=True)
     for _ in range(MIN_SAMPLES * 3):  # provisional, then final, then a late prompt count
         guard.observe("same-receipt", "gpu-a", 5.0, batch_line=False)
     assert script.window([]) == 4 and guard.breaches == 0
 
 
 def test_batch_lines_own_latency_is_not_interactive_traffic() -> None:
-    guard, script = absolute(max_lines=4)
+    guard, script = absolute(max_lines=4, opened=True)
     for _ in range(MIN_SAMPLES * 2):
         script.batch_line("gpu-a")  # slow lines (99 s each): what batches are for
     assert script.window([]) == 4 and guard.breaches == 0
 
 
 def test_only_upstreams_that_batch_lines_use_are_judged() -> None:
-    guard, script = absolute(max_lines=4)
+    guard, script = absolute(max_lines=4, opened=True)
     script.batch_line("gpu-a")
     assert script.window(SLOW, upstream="gpu-b") == 4  # slow, but no batch line runs there
     assert script.window(SLOW, upstream="gpu-a") == 0
@@ -100,7 +110,7 @@ def test_only_upstreams_that_batch_lines_use_are_judged() -> None:
 
 def test_the_relative_objective_compares_with_latency_measured_while_no_line_ran() -> None:
     clock = FakeClock()
-    guard = LatencyGuard(4, WINDOW, objective_ratio=1.1, clock=clock)
+    guard = LatencyGuard(4, WINDOW, objective_ratio=1.1, clock=clock, initial_limit=4)
     script = Script(guard, clock)
     assert script.window([0.100] * 20, lines_in_flight=0) == 4  # clean window: the baseline
     assert guard.baseline_seconds("gpu-a") == pytest.approx(0.100)
@@ -112,7 +122,7 @@ def test_the_relative_objective_compares_with_latency_measured_while_no_line_ran
 
 def test_without_a_baseline_the_guard_pauses_one_window_to_measure_traffic_alone() -> None:
     clock = FakeClock()
-    guard = LatencyGuard(4, WINDOW, objective_ratio=1.1, clock=clock)
+    guard = LatencyGuard(4, WINDOW, objective_ratio=1.1, clock=clock, initial_limit=4)
     script = Script(guard, clock)
     assert script.window([0.2] * 20, lines_in_flight=4) == 0  # lines ran all along: no baseline, measure
     assert guard.breaches == 0
