@@ -295,7 +295,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="closed-loop interactive clients")
     parser.add_argument("--concurrency", type=int, default=4, help="[batches] max_concurrency")
     parser.add_argument("--yield-above", type=int, default=64, help="[batches] yield_above_in_flight")
-    parser.add_argument("--latency-ratio", type=float, default=1.1, help="[batches] interactive_latency_objective_ratio (0: off)")
+    parser.add_argument("--latency-ratio", type=float, default=1.05, help="[batches] interactive_latency_objective_ratio (0: off)")
     parser.add_argument("--latency-objective", type=float, default=0.0, help="[batches] interactive_latency_objective_seconds (0: none)")
     parser.add_argument("--latency-window", type=float, default=2.0, help="[batches] interactive_latency_window_seconds")
     parser.add_argument("--sim", choices=("process", "inline"), default="process", help="the sim model server's own process, or this one")

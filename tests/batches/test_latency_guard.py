@@ -151,7 +151,7 @@ def test_bad_guard_settings_name_their_key(key: str, value: object) -> None:
 
 def test_guard_settings_defaults_and_off() -> None:
     settings = parse_batches({})
-    assert settings.interactive_latency_objective_ratio == 1.1 and settings.latency_guarded
+    assert settings.interactive_latency_objective_ratio == 1.05 and settings.latency_guarded
     off = parse_batches({"interactive_latency_objective_ratio": 0})
     assert off.interactive_latency_objective_ratio is None and not off.latency_guarded
     both = parse_batches({"interactive_latency_objective_seconds": 0.25, "interactive_latency_window_seconds": 5})
