@@ -81,29 +81,38 @@ def test_the_limit_never_falls_below_one_line() -> None:
 
 def test_a_few_slow_requests_are_no_verdict_and_no_traffic_is_healthy() -> None:
     guard, script = absolute(max_lines=4, opened=True)
-    assert script.window([5.0] * (MIN_SAMPLES - 1)) == 4  # below MIN_SAMPLES: no p95 to judge
+    assert script.window([5.0] * (MIN_SAMPLES - 1), lines_in_flight=4) == 4  # below MIN_SAMPLES: no p95 to judge
     assert script.window([]) == 4 and guard.breaches == 0
     assert script.window([5.0] * MIN_SAMPLES) == 0
+
+
+def test_slow_answers_while_no_line_runs_are_not_the_batches_doing() -> None:
+    guard, script = absolute(max_lines=4, opened=True)
+    assert script.window(SLOW, lines_in_flight=0) == 4 and guard.breaches == 0
+    assert script.window(SLOW, lines_in_flight=4) == 0 and guard.breaches == 1
+    assert script.window(SLOW, lines_in_flight=0) == 0  # lines in flight at the pause ended in it: still judged
+    assert (guard.limit, guard.breaches) == (1, 2)
+    assert script.window(SLOW) == 1 and guard.breaches == 2  # still slow with no line at all: not ours, resume
 
 
 def test_each_request_counts_once_however_often_its_receipt_is_recorded() -> None:
     guard, script = absolute(max_lines=4, opened=True)
     for _ in range(MIN_SAMPLES * 3):  # provisional, then final, then a late prompt count
         guard.observe("same-receipt", "gpu-a", 5.0, batch_line=False)
-    assert script.window([]) == 4 and guard.breaches == 0
+    assert script.window([], lines_in_flight=4) == 4 and guard.breaches == 0
 
 
 def test_batch_lines_own_latency_is_not_interactive_traffic() -> None:
     guard, script = absolute(max_lines=4, opened=True)
     for _ in range(MIN_SAMPLES * 2):
         script.batch_line("gpu-a")  # slow lines (99 s each): what batches are for
-    assert script.window([]) == 4 and guard.breaches == 0
+    assert script.window([], lines_in_flight=4) == 4 and guard.breaches == 0
 
 
 def test_only_upstreams_that_batch_lines_use_are_judged() -> None:
     guard, script = absolute(max_lines=4, opened=True)
     script.batch_line("gpu-a")
-    assert script.window(SLOW, upstream="gpu-b") == 4  # slow, but no batch line runs there
+    assert script.window(SLOW, upstream="gpu-b", lines_in_flight=4) == 4  # slow, but no batch line runs there
     assert script.window(SLOW, upstream="gpu-a") == 0
     assert guard.last_p95_seconds["gpu-a"] == pytest.approx(0.9)
 
