@@ -327,17 +327,17 @@ def grid() -> dict[str, Any]:
              "suffix: g", decimals=1, w=6,
              description="Grams finished batches emitted less than they would have run at submission "
                          "(each batch's carbon.avoided_grams)."),
-        stat("Lines deferred now", f"sum(carbon_proxy_batch_lines_deferred{{{INST}}})", "short", decimals=0, w=6,
+        stat("Lines deferred now", f"sum(carbon_proxy_batch_deferred_requests{{{INST}}})", "short", decimals=0, w=6,
              description="Lines of accepted batches not started yet: waiting for their low-carbon window, or for room."),
         stat("Guard breaches, last 1 h", f"sum(increase(carbon_proxy_batch_latency_breaches_total{{{INST}}}[1h]))", "short",
              decimals=0, w=6, thresholds=[(None, "green"), (1, "orange")],
              description="Windows in which interactive p95 latency was over its objective: batch lines paused and their limit halved."),
-        stat("Batch line limit now", f"sum(carbon_proxy_batch_line_limit{{{INST}}})", "short", decimals=0, w=6,
+        stat("Batch line limit now", f"sum(carbon_proxy_batch_allowed_in_flight_requests{{{INST}}})", "short", decimals=0, w=6,
              description="Lines allowed in flight: [batches] max_concurrency, lowered by the latency guard; 0 = paused."),
         timeseries("Batch lines deferred, in flight and allowed", [
-            target(f"sum(carbon_proxy_batch_lines_deferred{{{INST}}})", "deferred"),
-            target(f"sum(carbon_proxy_batch_lines_in_flight{{{INST}}})", "in flight"),
-            target(f"sum(carbon_proxy_batch_line_limit{{{INST}}})", "allowed (latency guard)"),
+            target(f"sum(carbon_proxy_batch_deferred_requests{{{INST}}})", "deferred"),
+            target(f"sum(carbon_proxy_batch_in_flight_requests{{{INST}}})", "in flight"),
+            target(f"sum(carbon_proxy_batch_allowed_in_flight_requests{{{INST}}})", "allowed (latency guard)"),
         ], "short", w=8),
         timeseries("Batch lines ended per minute, by state", [
             target(f"sum by (state) (rate(carbon_proxy_batch_lines_total{{{INST}}}[$__rate_interval])) * 60", "{{state}}"),

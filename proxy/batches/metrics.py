@@ -39,13 +39,13 @@ class BatchMetrics(Collector):
         if runner is None:
             return
         yield GaugeMetricFamily(
-            "carbon_proxy_batch_lines_deferred",
+            "carbon_proxy_batch_deferred_requests",
             "Lines of accepted batches not started yet (waiting for their low-carbon window, or for room).",
             value=runner.lines_deferred,
         )
-        yield GaugeMetricFamily("carbon_proxy_batch_lines_in_flight", "Batch lines being answered now.", value=runner.lines_in_flight)
+        yield GaugeMetricFamily("carbon_proxy_batch_in_flight_requests", "Batch lines being answered now.", value=runner.lines_in_flight)
         yield GaugeMetricFamily(
-            "carbon_proxy_batch_line_limit",
+            "carbon_proxy_batch_allowed_in_flight_requests",
             "Batch lines allowed in flight now: max_concurrency, lowered by the latency guard (0: paused).",
             value=runner.allowed_lines(),
         )

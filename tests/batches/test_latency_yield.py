@@ -55,7 +55,7 @@ async def test_a_latency_breach_pauses_batch_lines_until_interactive_latency_rec
     await until(drained, "the line in flight to end")
     left = runner.lines_deferred
     assert 0 < left < LINES
-    assert await _metric(rig, "carbon_proxy_batch_line_limit") == 0
+    assert await _metric(rig, "carbon_proxy_batch_allowed_in_flight_requests") == 0
     assert await _metric(rig, "carbon_proxy_batch_latency_breaches_total") == 1
     for _ in range(10):  # the runner polls the guard meanwhile: nothing starts while paused
         await asyncio.sleep(0.05)
@@ -70,4 +70,4 @@ async def test_a_latency_breach_pauses_batch_lines_until_interactive_latency_rec
     await until(completed, "the batch to complete")
     assert (await client.batches.retrieve(batch.id)).request_counts.completed == LINES
     assert guard.breaches == 1
-    assert await _metric(rig, "carbon_proxy_batch_lines_deferred") == 0
+    assert await _metric(rig, "carbon_proxy_batch_deferred_requests") == 0
