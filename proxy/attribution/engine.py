@@ -25,6 +25,7 @@ from proxy.attribution.costmodel import CostModel, Prices, Rates
 from proxy.attribution.learning import IdlePowerLearner
 from proxy.attribution.prefill import PrefillProgress, ProgressSpan
 from proxy.attribution.prior import GroupPrior
+from proxy.attribution.steps import StepEnds, step_prices
 from proxy.attribution.split import decode_work, known_work, overlap, presence_shares, split_dynamic, split_priced
 from proxy.attribution.timing import PaceLearner
 from proxy.attribution.usage import RequestUsage
@@ -94,6 +95,8 @@ class _Group:
     last_t: float | None = None
     last_joules: float = 0.0
     last_power_watts: float = 0.0
+    step_ends: StepEnds = field(default_factory=StepEnds)
+    """When streams' tokens passed: the server's step ends (steps.py)."""
     totals: GroupTotals = field(default_factory=GroupTotals)
     recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
     """(seconds, joules) of the latest intervals: the current power, smoothed over
@@ -280,7 +283,11 @@ class AttributionEngine:
         static_per_second = static_joules / duration
         binned = array("d")
         contexts = array("d")
+        ticks: list[float] = []
         for usage, share in zip(members, shares):
+            if usage.tick_times:
+                ticks += usage.tick_times
+                usage.tick_times.clear()
             prompt = usage.prompt_tokens if usage.prompt_tokens is not None else usage.prompt_tokens_estimate
             contexts.append(prompt + usage.sampled_output_tokens)
             credit = static_per_second * share
@@ -306,6 +313,8 @@ class AttributionEngine:
             contexts=contexts,
             progress=progress,
         )
+        if ticks:
+            group.step_ends.add(ticks)
         interval.uncovered = sum(1 for u in members if u.closed_at is None or u.closed_at > t1)
         if interval.uncovered == 0:
             idle_joules += self._settle(group, interval)
@@ -417,7 +426,9 @@ class AttributionEngine:
         model = group.model
         if group.fixed_prefill_weight is not None or not model.ready:
             return [group.prefill_weight * w[0] for w in works], [w[1] for w in works], True
-        prices = model.prices(rates)
+        fastest = group.pace.pace().fastest_decode_seconds_per_token
+        around = group.step_ends.around(interval.t0, interval.t1)
+        prices = step_prices(model.prices, interval.t0, interval.t1, around, fastest, rates)
         interval.prices = prices
         prompts = [prices.joules(prompt, 0.0, 0.0, 0.0) for prompt, _, _, _ in works]
         decodes = [prices.joules(0.0, output, context, decoding) for _, output, context, decoding in works]
