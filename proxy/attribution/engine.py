@@ -25,7 +25,7 @@ from proxy.attribution.costmodel import CostModel, Prices, Rates
 from proxy.attribution.learning import IdlePowerLearner
 from proxy.attribution.prefill import PrefillProgress, ProgressSpan
 from proxy.attribution.prior import GroupPrior
-from proxy.attribution.steps import StepEnds, step_prices
+from proxy.attribution.steps import PrefillSteps, StepEnds, step_prices
 from proxy.attribution.split import decode_work, known_work, overlap, presence_shares, split_dynamic, split_priced
 from proxy.attribution.timing import PaceLearner
 from proxy.attribution.usage import RequestUsage
@@ -97,10 +97,14 @@ class _Group:
     last_power_watts: float = 0.0
     step_ends: StepEnds = field(default_factory=StepEnds)
     """When streams' tokens passed: the server's step ends (steps.py)."""
+    prefill_steps: PrefillSteps = field(init=False)
     totals: GroupTotals = field(default_factory=GroupTotals)
     recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
     """(seconds, joules) of the latest intervals: the current power, smoothed over
     RECENT_SECONDS (one interval alone may be a stale read: 0 W, then twice the power)."""
+
+    def __post_init__(self) -> None:
+        self.prefill_steps = PrefillSteps(self.step_ends)
 
     def recent_watts(self) -> float:
         seconds = joules = 0.0
@@ -299,6 +303,9 @@ class AttributionEngine:
             usage.sampled_output_tokens += usage.unsampled_output_tokens
             usage.unsampled_output_tokens = 0
 
+        if ticks:
+            previous_end = group.step_ends.last
+            group.prefill_steps.observe_steps(group.step_ends.add(ticks), previous_end)
         dynamic_joules = energy - static_joules
         progress = self._prefill_progress(group, t0, t1, members, binned, dynamic_joules)
         interval = _Interval(
@@ -313,8 +320,6 @@ class AttributionEngine:
             contexts=contexts,
             progress=progress,
         )
-        if ticks:
-            group.step_ends.add(ticks)
         interval.uncovered = sum(1 for u in members if u.closed_at is None or u.closed_at > t1)
         if interval.uncovered == 0:
             idle_joules += self._settle(group, interval)
@@ -332,6 +337,8 @@ class AttributionEngine:
             if usage.closed_at > t1:  # type: ignore[operator]
                 waiting.append(usage)  # closed after the reading was taken: still uncovered
             else:
+                if usage.streaming and usage.first_token_at is not None:
+                    group.prefill_steps.observe_stream(self._prompt(usage), usage.opened_at, usage.first_token_at)
                 self._covered(group, usage, t1)
         group.closed_since_sample = waiting
 
@@ -354,7 +361,12 @@ class AttributionEngine:
                 decoded = 0.0 if usage.streaming else (usage.output_tokens or 0) * fastest
                 prefill.done_by(usage, max(usage.opened_at, end - decoded))
         model = group.model
-        if group.fixed_prefill_weight is not None or not model.ready:
+        decoding_stream = any(u.streaming and u.first_token_at is not None and u.first_token_at < t1 for u in members)
+        from_steps = group.prefill_steps.processed_tokens(t0, t1) if decoding_stream else None
+        if from_steps is not None:
+            # Streams show the steps: their extra length is the prompt tokens processed.
+            processed = from_steps
+        elif group.fixed_prefill_weight is not None or not model.ready:
             processed = group.pace.pace().prefill_tokens_per_second * (t1 - t0)
         else:
             # Prompt tokens are what the model says the energy not drawn by decoding bought.

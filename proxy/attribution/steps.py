@@ -23,6 +23,7 @@ rates are used as before.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
+from collections import deque
 from typing import Callable, Sequence
 
 from proxy.attribution.costmodel import Prices, Rates
@@ -42,16 +43,24 @@ class StepEnds:
     def __init__(self) -> None:
         self._ends: list[float] = []
 
-    def add(self, times: Sequence[float]) -> None:
+    @property
+    def last(self) -> float | None:
+        return self._ends[-1] if self._ends else None
+
+    def add(self, times: Sequence[float]) -> list[float]:
+        """Adds step ends; returns those that extend the sequence (the steps that just ended)."""
         ends = self._ends
+        added: list[float] = []
         for t in sorted(times):
             if ends and t <= ends[-1] + MIN_STEP_SECONDS:
                 if t < ends[-1] - MIN_STEP_SECONDS:
                     insort(ends, t)  # late and out of order (rare): keep the order
                 continue
             ends.append(t)
+            added.append(t)
         if len(ends) > KEEP_STEP_ENDS:
             del ends[: len(ends) - KEEP_STEP_ENDS // 2]
+        return added
 
     def around(self, t0: float, t1: float) -> tuple[float | None, list[float], float | None]:
         """(the last end at or before t0, the ends inside (t0, t1), the first end at or
@@ -138,3 +147,83 @@ def step_prices(
         context_price += dw * prices.context
         batch_price += seconds / duration * prices.batch_second
     return Prices(prompt_price, output_price, context_price, batch_price)
+
+
+SHORTEST_WINDOW = 400
+"""Steps over which the shortest is taken as a decode-only step (seconds of traffic)."""
+PREFILL_PERCENTILE = 0.1
+"""Of streams' step excess per prompt token: a stream that queued behind other prompts
+shows their chunks too, so a low percentile is its own."""
+MIN_PROMPT_TOKENS = 256
+MIN_STREAMS = 10
+
+
+class PrefillSteps:
+    """How many prompt tokens the server processed, read from its step lengths.
+
+    A step that carries a prefill chunk is longer than a decode-only one by about the
+    chunk's compute time: extra seconds per prompt token are learned from streams (the
+    steps before a stream's first token carry its prompt), then the extra length of the
+    steps in an interval says how many prompt tokens it processed, however saturated
+    the power is (energy says little there)."""
+
+    def __init__(self, ends: StepEnds) -> None:
+        self._ends = ends
+        self._lengths: deque[float] = deque(maxlen=SHORTEST_WINDOW)
+        self._per_token: deque[float] = deque(maxlen=256)
+        self._seconds_per_token: float | None = None
+
+    def observe_steps(self, new_ends: Sequence[float], previous_end: float | None) -> None:
+        """Lengths of the steps that just ended."""
+        last = previous_end
+        for end in new_ends:
+            if last is not None and 0 < end - last <= LONGEST_STEP_SECONDS:
+                self._lengths.append(end - last)
+            last = end
+
+    def shortest(self) -> float | None:
+        return min(self._lengths) if self._lengths else None
+
+    def excess_seconds(self, t0: float, t1: float, ongoing: bool = False) -> float | None:
+        """Seconds in [t0, t1] that steps spent beyond a decode-only step's length (each
+        step's first `shortest` seconds are its decode part, the rest its chunk's).
+        `ongoing`: a step is still running at t1 (a stream is decoding), so its part so
+        far counts too, as soon as it outlasts a decode-only step."""
+        shortest = self.shortest()
+        if shortest is None:
+            return None
+        before, inside, after = self._ends.around(t0, t1)
+        ends = inside + ([after] if after is not None and after <= t1 + MIN_STEP_SECONDS else [])
+        total = 0.0
+        last = before
+        for end in ends:
+            if last is not None and end - last <= LONGEST_STEP_SECONDS:
+                total += max(0.0, min(end, t1) - max(last + shortest, t0))
+            last = end
+        if ongoing and last is not None and t1 - last <= LONGEST_STEP_SECONDS:
+            total += max(0.0, t1 - max(last + shortest, t0))
+        return total
+
+    def observe_stream(self, prompt_tokens: float, opened_at: float, first_token_at: float) -> None:
+        if prompt_tokens < MIN_PROMPT_TOKENS:
+            return
+        excess = self.excess_seconds(opened_at, first_token_at)
+        if excess is not None and excess > 0:
+            self._per_token.append(excess / prompt_tokens)
+            self._seconds_per_token = None
+
+    def seconds_per_token(self) -> float | None:
+        if len(self._per_token) < MIN_STREAMS:
+            return None
+        if self._seconds_per_token is None:
+            ordered = sorted(self._per_token)
+            self._seconds_per_token = ordered[int(PREFILL_PERCENTILE * (len(ordered) - 1))]
+        return self._seconds_per_token
+
+    def processed_tokens(self, t0: float, t1: float) -> float | None:
+        """Prompt tokens processed in [t0, t1] while a stream decodes; None when unknown."""
+        per_token = self.seconds_per_token()
+        if per_token is None or per_token <= 0:
+            return None
+        excess = self.excess_seconds(t0, t1, ongoing=True)
+        return None if excess is None else excess / per_token
