@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from proxy.attribution.costmodel import CostModel, Prices, Rates
+from proxy.attribution.costmodel import CostModel, Prices, Rates, slope, unsaturate
 from proxy.attribution.learning import IdlePowerLearner
 from proxy.attribution.prefill import PrefillProgress, ProgressSpan
 from proxy.attribution.prior import GroupPrior
@@ -363,7 +363,7 @@ class AttributionEngine:
         model = group.model
         decoding_stream = any(u.streaming and u.first_token_at is not None and u.first_token_at < t1 for u in members)
         from_steps = group.prefill_steps.processed_tokens(t0, t1) if decoding_stream else None
-        if from_steps is not None:
+        if from_steps is not None and (group.fixed_prefill_weight is not None or not model.ready):
             # Streams show the steps: their extra length is the prompt tokens processed.
             processed = from_steps
         elif group.fixed_prefill_weight is not None or not model.ready:
@@ -388,6 +388,14 @@ class AttributionEngine:
             # change of power inverts to a large change of prompt tokens.
             most = pace.prefill_tokens_per_second * PREFILL_PACE_MARGIN
             processed = min(model.prompt_rate_for(dynamic_joules / duration, rates), most) * duration
+            if from_steps is not None:
+                # Energy measures prompt work as well as the cost function still bends
+                # with load (its slope g'); where power saturates it says little, and
+                # the steps' extra length (streams show it) says it instead.
+                fit = model.fit
+                assert fit is not None
+                bend = slope(unsaturate(max(0.0, dynamic_joules / duration), fit.saturation_watts), fit.saturation_watts)
+                processed = bend * processed + (1.0 - bend) * from_steps
         return prefill.advance(t0, t1, processed)
 
     @staticmethod
