@@ -274,13 +274,18 @@ class CostModel:
                 predicted = [saturate(sum(t * f / sub[0] for t, f in zip(candidate.theta, sub[2:])), s) for sub in newest]
                 error = math.fsum((sub[1] / sub[0] - p) ** 2 * sub[0] for sub, p in zip(newest, predicted))
                 candidate.error = ERROR_FORGETTING * candidate.error + error
-            y = math.fsum(unsaturate(max(0.0, sub[1] / sub[0]), s) * sub[0] for sub in window) / seconds
+            loads = [unsaturate(max(0.0, sub[1] / sub[0]), s) for sub in window]
+            y = math.fsum(load * sub[0] for load, sub in zip(loads, window)) / seconds
+            # Weighted least squares in the unsaturated space: a watt of noise is 1 / g'
+            # watts of load there, so a window near the ceiling, where power hardly moves
+            # with work (and the prompt's weight is not identifiable), counts by g'^2.
+            weight = math.fsum(slope(load, s) ** 2 * sub[0] for load, sub in zip(loads, window)) / seconds
             xm = [v * m for v, m in zip(x, mask)]
             for i in range(n):
                 row = candidate.xx[i]
                 for j in range(n):
-                    row[j] = lam * row[j] + xm[i] * xm[j]
-                candidate.xy[i] = lam * candidate.xy[i] + xm[i] * y
+                    row[j] = lam * row[j] + weight * xm[i] * xm[j]
+                candidate.xy[i] = lam * candidate.xy[i] + weight * xm[i] * y
             theta, _ = nnls(candidate.xx, candidate.xy)
             candidate.theta = theta
             if theta[0] > 0:

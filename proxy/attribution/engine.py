@@ -21,10 +21,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from proxy.attribution.costmodel import CostModel, Prices, Rates
+from proxy.attribution.costmodel import CostModel, Prices, Rates, slope, unsaturate
 from proxy.attribution.learning import IdlePowerLearner
 from proxy.attribution.prefill import PrefillProgress, ProgressSpan
 from proxy.attribution.prior import GroupPrior
+from proxy.attribution.steps import PrefillSteps, StepEnds, step_prices
 from proxy.attribution.split import decode_work, known_work, overlap, presence_shares, split_dynamic, split_priced
 from proxy.attribution.timing import PaceLearner
 from proxy.attribution.usage import RequestUsage
@@ -94,10 +95,16 @@ class _Group:
     last_t: float | None = None
     last_joules: float = 0.0
     last_power_watts: float = 0.0
+    step_ends: StepEnds = field(default_factory=StepEnds)
+    """When streams' tokens passed: the server's step ends (steps.py)."""
+    prefill_steps: PrefillSteps = field(init=False)
     totals: GroupTotals = field(default_factory=GroupTotals)
     recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
     """(seconds, joules) of the latest intervals: the current power, smoothed over
     RECENT_SECONDS (one interval alone may be a stale read: 0 W, then twice the power)."""
+
+    def __post_init__(self) -> None:
+        self.prefill_steps = PrefillSteps(self.step_ends)
 
     def recent_watts(self) -> float:
         seconds = joules = 0.0
@@ -280,7 +287,11 @@ class AttributionEngine:
         static_per_second = static_joules / duration
         binned = array("d")
         contexts = array("d")
+        ticks: list[float] = []
         for usage, share in zip(members, shares):
+            if usage.tick_times:
+                ticks += usage.tick_times
+                usage.tick_times.clear()
             prompt = usage.prompt_tokens if usage.prompt_tokens is not None else usage.prompt_tokens_estimate
             contexts.append(prompt + usage.sampled_output_tokens)
             credit = static_per_second * share
@@ -292,6 +303,9 @@ class AttributionEngine:
             usage.sampled_output_tokens += usage.unsampled_output_tokens
             usage.unsampled_output_tokens = 0
 
+        if ticks:
+            previous_end = group.step_ends.last
+            group.prefill_steps.observe_steps(group.step_ends.add(ticks), previous_end)
         dynamic_joules = energy - static_joules
         progress = self._prefill_progress(group, t0, t1, members, binned, dynamic_joules)
         interval = _Interval(
@@ -323,6 +337,8 @@ class AttributionEngine:
             if usage.closed_at > t1:  # type: ignore[operator]
                 waiting.append(usage)  # closed after the reading was taken: still uncovered
             else:
+                if usage.streaming and usage.first_token_at is not None:
+                    group.prefill_steps.observe_stream(self._prompt(usage), usage.opened_at, usage.first_token_at)
                 self._covered(group, usage, t1)
         group.closed_since_sample = waiting
 
@@ -345,7 +361,12 @@ class AttributionEngine:
                 decoded = 0.0 if usage.streaming else (usage.output_tokens or 0) * fastest
                 prefill.done_by(usage, max(usage.opened_at, end - decoded))
         model = group.model
-        if group.fixed_prefill_weight is not None or not model.ready:
+        decoding_stream = any(u.streaming and u.first_token_at is not None and u.first_token_at < t1 for u in members)
+        from_steps = group.prefill_steps.processed_tokens(t0, t1) if decoding_stream else None
+        if from_steps is not None and (group.fixed_prefill_weight is not None or not model.ready):
+            # Streams show the steps: their extra length is the prompt tokens processed.
+            processed = from_steps
+        elif group.fixed_prefill_weight is not None or not model.ready:
             processed = group.pace.pace().prefill_tokens_per_second * (t1 - t0)
         else:
             # Prompt tokens are what the model says the energy not drawn by decoding bought.
@@ -367,6 +388,14 @@ class AttributionEngine:
             # change of power inverts to a large change of prompt tokens.
             most = pace.prefill_tokens_per_second * PREFILL_PACE_MARGIN
             processed = min(model.prompt_rate_for(dynamic_joules / duration, rates), most) * duration
+            if from_steps is not None:
+                # Energy measures prompt work as well as the cost function still bends
+                # with load (its slope g'); where power saturates it says little, and
+                # the steps' extra length (streams show it) says it instead.
+                fit = model.fit
+                assert fit is not None
+                bend = slope(unsaturate(max(0.0, dynamic_joules / duration), fit.saturation_watts), fit.saturation_watts)
+                processed = bend * processed + (1.0 - bend) * from_steps
         return prefill.advance(t0, t1, processed)
 
     @staticmethod
@@ -417,7 +446,9 @@ class AttributionEngine:
         model = group.model
         if group.fixed_prefill_weight is not None or not model.ready:
             return [group.prefill_weight * w[0] for w in works], [w[1] for w in works], True
-        prices = model.prices(rates)
+        fastest = group.pace.pace().fastest_decode_seconds_per_token
+        around = group.step_ends.around(interval.t0, interval.t1)
+        prices = step_prices(model.prices, interval.t0, interval.t1, around, fastest, rates)
         interval.prices = prices
         prompts = [prices.joules(prompt, 0.0, 0.0, 0.0) for prompt, _, _, _ in works]
         decodes = [prices.joules(0.0, output, context, decoding) for _, output, context, decoding in works]

@@ -24,6 +24,8 @@ class RequestUsage:
     # Output tokens seen since the last meter sample (streams): the engine bins them.
     unsampled_output_tokens: int = 0
     sampled_output_tokens: int = 0
+    tick_times: list[float] = field(default_factory=list, repr=False)
+    """When those unsampled tokens passed: the server's step ends (steps.py)."""
 
     # Exact totals, known at close.
     prompt_tokens: int | None = None
@@ -60,6 +62,7 @@ class RequestUsage:
             self.first_token_at = at
         self.last_token_at = at
         self.unsampled_output_tokens += count
+        self.tick_times.append(at)
 
     @property
     def closed(self) -> bool:

@@ -88,3 +88,24 @@ def test_separable_cost_pays_prompts_their_price_and_shares_the_batch() -> None:
     attributed, truth = _replay(run, fit), _truth(run)
     for rid, joules in truth.items():
         assert attributed[rid] == pytest.approx(joules, rel=0.01), rid
+
+
+def test_saturating_curve_prices_each_step_not_the_interval_mean() -> None:
+    # One saturating curve of each step's total work: a step that carries a prefill chunk
+    # lasts longer at about the same (saturated) power, so its work is dearer per unit
+    # than a decode-only step's. A meter interval holds both kinds of step; priced at the
+    # interval's mean rates, long prompts were undercharged (the cost function itself
+    # exact, as here) and the decoding streams beside them overcharged.
+    physics = CurvePhysics(prefill_weight=0.2, joules_per_unit_at_low_load=1.5, saturation_watts=400.0)
+    decoders = [VirtualRequest(f"d{i}", 0.1 + 0.05 * i, 30, 400) for i in range(12)]
+    prompts = [VirtualRequest("long", 1.5, 4000, 20), VirtualRequest("long2", 3.0, 3000, 20)]
+    clock = VirtualClock()
+    gpu = SimGpu(clock=clock, idle_power_watts=IDLE_WATTS, max_power_watts=2000.0, physics=physics)
+    config = SimModelConfig(prefill_seconds_per_token=0.0002, max_prefill_tokens_per_step=512)
+    run = run_virtual(decoders + prompts, config, gpu, clock, sample_interval_seconds=0.06)
+    fit = Fit((300.0, 1500.0, 0.0, 0.0, 0.0, 0.0), -400.0)  # the curve itself: W per 1000 tokens/s
+    attributed, truth = _replay(run, fit), _truth(run)
+    for rid in ("long", "long2"):
+        assert attributed[rid] == pytest.approx(truth[rid], rel=0.03), rid
+    for rid in (r.request_id for r in decoders):
+        assert attributed[rid] == pytest.approx(truth[rid], rel=0.03), rid

@@ -1,0 +1,96 @@
+"""Steps read from streamed token times (proxy/attribution/steps.py): per-step AS prices
+and prefill progress from the steps' extra length, on scripted schedules with exact answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from proxy.attribution.costmodel import Fit, Rates
+from proxy.attribution.steps import PrefillSteps, StepEnds, step_prices
+
+DECODE_STEP_SECONDS = 0.02
+SECONDS_PER_PROMPT_TOKEN = 0.0002
+CHUNK_TOKENS = 512
+
+
+def _curve(e0: float, w: float, saturation_watts: float) -> tuple[Fit, float, float, float]:
+    """P = P_sat (1 - exp(-e0 r / P_sat)) of r = w x prompt/s + output/s, as a Fit (its
+    loads are per 1000 tokens/s)."""
+    return Fit((e0 * w * 1000.0, e0 * 1000.0, 0.0, 0.0, 0.0, 0.0), -saturation_watts), e0, w, saturation_watts
+
+
+def test_a_chunk_step_beside_decode_steps_is_priced_at_its_own_rates() -> None:
+    fit, e0, w, p_sat = _curve(1.5, 0.2, 400.0)
+    batch = 30
+    chunk_seconds = DECODE_STEP_SECONDS + CHUNK_TOKENS * SECONDS_PER_PROMPT_TOKEN
+    ends = StepEnds()
+    # A decode step, a step carrying a 512-token chunk, then decode steps; the interval
+    # [0, 0.2] holds the chunk step, three decode steps and 90% of a fourth.
+    times = [-DECODE_STEP_SECONDS, 0.0, chunk_seconds]
+    while times[-1] < 0.2:
+        times.append(times[-1] + DECODE_STEP_SECONDS)
+    ends.add(times)
+    t0, t1 = 0.0, 0.2
+    decode_steps = (t1 - chunk_seconds) / DECODE_STEP_SECONDS
+    output_tokens = batch * (1 + decode_steps)
+    rates = Rates(CHUNK_TOKENS / (t1 - t0), output_tokens / (t1 - t0), 0.0, batch)
+    prices = step_prices(fit.prices, t0, t1, ends.around(t0, t1), DECODE_STEP_SECONDS, rates)
+
+    def watts(units_per_second: float) -> float:
+        return p_sat * -math.expm1(-e0 * units_per_second / p_sat)
+
+    # Truth: within a step every unit pays the same (power depends on total work only).
+    chunk_units = w * CHUNK_TOKENS + batch
+    chunk_joules = watts(chunk_units / chunk_seconds) * chunk_seconds
+    prompt_truth = chunk_joules * w * CHUNK_TOKENS / chunk_units
+    decode_truth = chunk_joules * batch / chunk_units + watts(batch / DECODE_STEP_SECONDS) * DECODE_STEP_SECONDS * decode_steps
+    assert prices.prompt * CHUNK_TOKENS == pytest.approx(prompt_truth, rel=0.01)
+    assert prices.output * output_tokens == pytest.approx(decode_truth, rel=0.01)
+    # The interval's mean rates (what the engine priced at before) undercharge the prompt.
+    mean = fit.prices(rates)
+    assert mean.prompt * CHUNK_TOKENS < 0.9 * prompt_truth
+
+
+def _schedule(prompts: list[int], gap_steps: int = 5) -> tuple[list[float], list[tuple[int, float, float]], list[tuple[float, float, int]]]:
+    """Step ends of a server that prefills each prompt in 512-token chunks (one step per
+    chunk, beside the decoding batch) with decode-only steps between; per prompt (tokens,
+    arrival, first token); per chunk step (start, end, tokens)."""
+    t = 0.0
+    ends = [t]
+    streams: list[tuple[int, float, float]] = []
+    chunks: list[tuple[float, float, int]] = []
+    for tokens in prompts:
+        arrival = t
+        left = tokens
+        while left > 0:
+            take = min(CHUNK_TOKENS, left)
+            start, t = t, t + DECODE_STEP_SECONDS + take * SECONDS_PER_PROMPT_TOKEN
+            chunks.append((start, t, take))
+            ends.append(t)
+            left -= take
+        streams.append((tokens, arrival, t))
+        for _ in range(gap_steps):
+            t += DECODE_STEP_SECONDS
+            ends.append(t)
+    return ends, streams, chunks
+
+
+def test_prompt_tokens_processed_are_read_from_the_steps_extra_length() -> None:
+    prompts = [300, 1200, 4000, 700, 2600, 512, 900, 3300, 1500, 450, 2000, 800]
+    times, streams, chunks = _schedule(prompts)
+    ends = StepEnds()
+    steps = PrefillSteps(ends)
+    steps.observe_steps(ends.add(times), None)
+    for tokens, arrival, first in streams:
+        steps.observe_stream(tokens, arrival, first)
+    assert steps.seconds_per_token() == pytest.approx(SECONDS_PER_PROMPT_TOKEN, rel=0.01)
+    # Over any stretch, the prompt tokens the chunk steps in it processed (each step's
+    # chunk after its decode part, as the reading assumes).
+    for t0, t1 in ((0.0, times[-1]), (1.0, 2.0), (0.37, 0.41), (2.5, 3.6)):
+        exact = math.fsum(
+            take * max(0.0, min(end, t1) - max(start + DECODE_STEP_SECONDS, t0)) / (end - start - DECODE_STEP_SECONDS)
+            for start, end, take in chunks
+        )
+        assert steps.processed_tokens(t0, t1) == pytest.approx(exact, rel=0.01, abs=0.5), (t0, t1)
