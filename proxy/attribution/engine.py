@@ -17,103 +17,30 @@ from __future__ import annotations
 import logging
 import math
 from array import array
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from proxy.attribution.costmodel import CostModel, Prices, Rates, slope, unsaturate
+from proxy.attribution.costmodel import CostModel, Rates, slope, unsaturate
+from proxy.attribution.group import DEFAULT_DECODE_SECONDS_PER_TOKEN, DEFAULT_PREFILL_WEIGHT, GroupTotals
+from proxy.attribution.group import Group as _Group
+from proxy.attribution.group import Interval as _Interval
 from proxy.attribution.learning import IdlePowerLearner
-from proxy.attribution.prefill import PrefillProgress, ProgressSpan
+from proxy.attribution.prefill import ProgressSpan
 from proxy.attribution.prior import GroupPrior
-from proxy.attribution.steps import PrefillSteps, StepEnds, step_prices
-from proxy.attribution.split import decode_work, known_work, overlap, presence_shares, split_dynamic, split_priced
-from proxy.attribution.timing import PaceLearner
+from proxy.attribution.provisional import EndOfResponse
+from proxy.attribution.split import context_tokens, decode_work, known_work, overlap, presence_shares
+from proxy.attribution.split import split_dynamic, split_priced
+from proxy.attribution.steps import step_prices
 from proxy.attribution.usage import RequestUsage
 from proxy.meters.base import EnergySample
 
 log = logging.getLogger("carbon_proxy.attribution")
 
-DEFAULT_PREFILL_WEIGHT = 0.1
-"""A prompt token costs about a tenth of an output token (batched prefill is compute
-bound and fast; decode is memory bound). Used until the group's costs are learned, or
-configured (then always)."""
-DEFAULT_PREFILL_TOKENS_PER_SECOND = 5000.0
-"""Until learned from streams: how long a prompt of n tokens takes to prefill."""
-DEFAULT_DECODE_SECONDS_PER_TOKEN = 0.03
-"""Until learned from streams: a decoding sequence's time per output token."""
 DEFAULT_FASTEST_DECODE_SECONDS_PER_TOKEN = 0.01
-RECENT_SECONDS = 0.3
+"""Until learned from streams: a sequence decodes no faster than this (100 tokens/s)."""
 PREFILL_PACE_MARGIN = 1.5
 """Prefill progress inferred from power is capped at this times the learned pace."""
 STATE_VERSION = 1
 """Of save_state's layout; a saved state of another version is learned again."""
-"""Until learned from streams: a sequence decodes no faster than this (100 tokens/s)."""
-
-
-@dataclass(slots=True, eq=False)
-class _Interval:
-    t0: float
-    t1: float
-    dynamic_joules: float
-    weight: float
-    members: list[RequestUsage]
-    presence: array  # seconds present, per member
-    binned: array  # output tokens seen in the interval, per member (streams)
-    estimates: array  # dynamic joules credited as estimates, per member
-    contexts: array  # tokens in each member's KV cache (streams: as sampled; others: refined later)
-    progress: ProgressSpan  # the group's prefill progress at t0 and t1
-    prices: Prices | None = None  # AS prices at the interval's rates (once the model is learned)
-    priced_prompt: list[float] = field(default_factory=list)  # per member, at the last split
-    priced_decode: list[float] = field(default_factory=list)
-    tokens_per_batch_second: float = 1.0 / DEFAULT_DECODE_SECONDS_PER_TOKEN
-    uncovered: int = 0
-    """Members not yet closed and covered by a sample; the interval settles at 0."""
-
-
-@dataclass(slots=True)
-class GroupTotals:
-    measured_joules: float = 0.0
-    idle_joules: float = 0.0
-    attributed_joules: float = 0.0
-    """Final request energy: static shares plus settled dynamic shares."""
-    idle_seconds: float = 0.0
-
-
-@dataclass(slots=True, eq=False)
-class _Group:
-    name: str
-    devices: tuple[str, ...]
-    idle: IdlePowerLearner
-    model: CostModel
-    fixed_prefill_weight: float | None
-    prefill_weight: float = DEFAULT_PREFILL_WEIGHT
-    """The latest settled interval's joules per prompt token over joules per output token."""
-    pace: PaceLearner = field(default_factory=lambda: PaceLearner(DEFAULT_PREFILL_TOKENS_PER_SECOND))
-    prefill: PrefillProgress = field(default_factory=PrefillProgress)
-    open: set[RequestUsage] = field(default_factory=set)
-    closed_since_sample: list[RequestUsage] = field(default_factory=list)
-    last_t: float | None = None
-    last_joules: float = 0.0
-    last_power_watts: float = 0.0
-    step_ends: StepEnds = field(default_factory=StepEnds)
-    """When streams' tokens passed: the server's step ends (steps.py)."""
-    prefill_steps: PrefillSteps = field(init=False)
-    totals: GroupTotals = field(default_factory=GroupTotals)
-    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
-    """(seconds, joules) of the latest intervals: the current power, smoothed over
-    RECENT_SECONDS (one interval alone may be a stale read: 0 W, then twice the power)."""
-
-    def __post_init__(self) -> None:
-        self.prefill_steps = PrefillSteps(self.step_ends)
-
-    def recent_watts(self) -> float:
-        seconds = joules = 0.0
-        for duration, energy in reversed(self.recent):
-            seconds += duration
-            joules += energy
-            if seconds >= RECENT_SECONDS:
-                break
-        return joules / seconds if seconds > 0 else self.last_power_watts
 
 
 class AttributionEngine:
@@ -151,6 +78,7 @@ class AttributionEngine:
             self._groups[name] = group
         self._weight_at = weight_at or (lambda t: 0.0)
         self._on_final = on_final
+        self._end = EndOfResponse(self._split, self._weight_at)
 
     # -- request side ---------------------------------------------------------------
 
@@ -192,55 +120,12 @@ class AttributionEngine:
         if not usage.streaming:
             for interval in usage.pending:
                 assert isinstance(interval, _Interval)
-                self._reestimate(group, interval, usage)
+                self._end.reestimate(group, interval, usage)
 
     def provisional(self, usage: RequestUsage, now: float) -> tuple[float, float, float]:
         """(joules, weighted joules, reserved seconds) for a request that just closed,
-        before the meter has covered its end: credited shares, estimates for the
-        intervals not settled yet, and the tail since the last sample predicted: the
-        group's recent dynamic power shared by the learned cost function among the work
-        done in the tail, plus its static share."""
-        group = self._groups[usage.group]
-        joules = usage.energy_joules
-        weighted = usage.weighted_joules + usage.weighted_estimate
-        reserved = usage.reserved_seconds
-        if group.last_t is None:
-            return joules, weighted, reserved
-        t0 = group.last_t
-        end = usage.closed_at if usage.closed_at is not None else now
-        if end <= max(t0, usage.opened_at):
-            return joules, weighted, reserved
-        members = [u for u in group.open if u.opened_at < end] + [
-            u for u in group.closed_since_sample if u.closed_at > t0  # type: ignore[operator]
-        ]
-        if usage not in members:
-            members.append(usage)
-        spans = [(u.opened_at, u.closed_at if u.closed_at is not None else end) for u in members]
-        presence, _ = presence_shares(spans, t0, end)
-        i = members.index(usage)
-        duration = end - t0
-        idle_watts = group.idle.watts(fallback_watts=group.last_power_watts) if group.idle.current_watts() is None else group.idle.current_watts() or 0.0
-        recent_watts = group.recent_watts()
-        static = min(idle_watts, recent_watts) * presence[i]
-        prefill = group.prefill
-        tail = _Interval(
-            t0=t0,
-            t1=end,
-            dynamic_joules=max(0.0, recent_watts - idle_watts) * duration,
-            weight=0.0,
-            members=members,
-            presence=array("d", presence),
-            binned=array("d", (u.unsampled_output_tokens for u in members)),
-            estimates=array("d", bytes(8 * len(members))),
-            contexts=array("d", (self._prompt(u) + u.sampled_output_tokens for u in members)),
-            progress=ProgressSpan(t0, end, prefill.progress_at_sample, prefill.progress_tokens),
-        )
-        shares, _, _ = self._split(group, tail, settle=False)
-        tail_joules = static + shares[i]
-        joules += tail_joules
-        weighted += tail_joules * self._weight_at(end)
-        reserved += presence[i]
-        return joules, weighted, reserved
+        before the meter has covered its end (provisional.py)."""
+        return self._end.figure(self._groups[usage.group], usage, now)
 
     @staticmethod
     def _prompt(usage: RequestUsage) -> float:
@@ -324,7 +209,7 @@ class AttributionEngine:
         if interval.uncovered == 0:
             idle_joules += self._settle(group, interval)
         else:
-            self._estimate(group, interval)
+            self._end.estimate(group, interval)
             for usage in members:
                 usage.pending_intervals += 1
                 if usage.closed_at is None or usage.closed_at > t1:
@@ -398,15 +283,7 @@ class AttributionEngine:
                 processed = bend * processed + (1.0 - bend) * from_steps
         return prefill.advance(t0, t1, processed)
 
-    @staticmethod
-    def _context(usage: RequestUsage, decode_start: float, end: float, at: float) -> float:
-        """Tokens in the request's KV cache at `at`: its prompt and what it generated so far."""
-        prompt = usage.prompt_tokens if usage.prompt_tokens is not None else usage.prompt_tokens_estimate
-        if usage.streaming:
-            return prompt + usage.sampled_output_tokens
-        if usage.output_tokens and end > decode_start:
-            return prompt + usage.output_tokens * min(1.0, max(0.0, (at - decode_start) / (end - decode_start)))
-        return float(prompt)
+    _context = staticmethod(context_tokens)
 
     def _works(self, group: _Group, interval: _Interval) -> tuple[list[tuple[float, float, float, float]], Rates]:
         """Per member: (prompt tokens, output tokens, context tokens read, seconds in the
@@ -478,49 +355,6 @@ class AttributionEngine:
             if per_output > 0:
                 group.prefill_weight = prices.prompt / per_output
         return (*split_priced(interval.dynamic_joules, prompts, decodes, interval.presence), rates)
-
-    def _estimate(self, group: _Group, interval: _Interval) -> None:
-        shares, _, _ = self._split(group, interval, settle=False)
-        for i, (usage, share) in enumerate(zip(interval.members, shares)):
-            interval.estimates[i] = share
-            usage.dynamic_joules_estimate += share
-            usage.weighted_estimate += share * interval.weight
-
-    def _reestimate(self, group: _Group, interval: _Interval, usage: RequestUsage) -> None:
-        """A non-streamed request closed: its work in an unsettled interval is known now
-        (it was not while it ran). Re-price its own share against the interval's totals;
-        O(1), the other members keep their estimates until the interval settles."""
-        try:
-            i = interval.members.index(usage)
-        except ValueError:
-            return
-        pace = group.pace.pace()
-        prompt, _, decoding = known_work(usage, interval.t0, interval.t1, 0.0, pace, (interval.progress.start, interval.progress.end))
-        prices = interval.prices
-        old_prompt, old_decode = interval.priced_prompt[i], interval.priced_decode[i]
-        if prices is None:
-            new_prompt = group.prefill_weight * prompt
-            new_decode = decoding * interval.tokens_per_batch_second
-        else:
-            start = usage.prefill_done_at if usage.prefill_done_at is not None else usage.opened_at
-            context = self._context(usage, start, usage.closed_at or interval.t1, (interval.t0 + interval.t1) / 2)
-            output = decoding * interval.tokens_per_batch_second
-            new_prompt = prices.joules(prompt, 0.0, 0.0, 0.0)
-            new_decode = prices.joules(0.0, output, output * context, decoding)
-        prompts = sum(interval.priced_prompt) - old_prompt + new_prompt
-        decodes = sum(interval.priced_decode) - old_decode + new_decode
-        dynamic = interval.dynamic_joules
-        if prices is None or prompts <= 0 or decodes <= 0:
-            total = prompts + decodes
-            share = dynamic * (new_prompt + new_decode) / total if total > 0 else 0.0
-        else:
-            scale = min(1.0, dynamic / prompts)
-            share = new_prompt * scale + new_decode * (dynamic - prompts * scale) / decodes
-        interval.priced_prompt[i], interval.priced_decode[i] = new_prompt, new_decode
-        delta = share - interval.estimates[i]
-        interval.estimates[i] = share
-        usage.dynamic_joules_estimate += delta
-        usage.weighted_estimate += delta * interval.weight
 
     def _settle(self, group: _Group, interval: _Interval) -> float:
         """Split the interval's dynamic energy with exact work; returns joules to idle."""

@@ -117,6 +117,16 @@ def known_work(
     return prompt_part, units + output, overlap(done, end, t0, t1)
 
 
+def context_tokens(usage: RequestUsage, decode_start: float, end: float, at: float) -> float:
+    """Tokens in the request's KV cache at `at`: its prompt and what it generated so far."""
+    prompt = usage.prompt_tokens if usage.prompt_tokens is not None else usage.prompt_tokens_estimate
+    if usage.streaming:
+        return prompt + usage.sampled_output_tokens
+    if usage.output_tokens and end > decode_start:
+        return prompt + usage.output_tokens * min(1.0, max(0.0, (at - decode_start) / (end - decode_start)))
+    return float(prompt)
+
+
 def decode_work(
     rows: Sequence[tuple[float, float, float]],
     streamed: Sequence[bool],

@@ -1,0 +1,80 @@
+"""What the engine keeps per device group: its learners, the requests in flight, and the
+meter intervals not yet settled (engine.py advances them; provisional.py reads them)."""
+
+from __future__ import annotations
+
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+
+from proxy.attribution.costmodel import CostModel, Prices
+from proxy.attribution.learning import IdlePowerLearner
+from proxy.attribution.prefill import PrefillProgress, ProgressSpan
+from proxy.attribution.steps import PrefillSteps, StepEnds
+from proxy.attribution.timing import PaceLearner
+from proxy.attribution.usage import RequestUsage
+
+DEFAULT_PREFILL_WEIGHT = 0.1
+"""A prompt token costs about a tenth of an output token (batched prefill is compute
+bound and fast; decode is memory bound). Used until the group's costs are learned, or
+configured (then always)."""
+DEFAULT_PREFILL_TOKENS_PER_SECOND = 5000.0
+"""Until learned from streams: how long a prompt of n tokens takes to prefill."""
+DEFAULT_DECODE_SECONDS_PER_TOKEN = 0.03
+"""Until learned from streams: a decoding sequence's time per output token."""
+
+
+@dataclass(slots=True, eq=False)
+class Interval:
+    t0: float
+    t1: float
+    dynamic_joules: float
+    weight: float
+    members: list[RequestUsage]
+    presence: array  # seconds present, per member
+    binned: array  # output tokens seen in the interval, per member (streams)
+    estimates: array  # dynamic joules credited as estimates, per member
+    contexts: array  # tokens in each member's KV cache (streams: as sampled; others: refined later)
+    progress: ProgressSpan  # the group's prefill progress at t0 and t1
+    prices: Prices | None = None  # AS prices at the interval's rates (once the model is learned)
+    priced_prompt: list[float] = field(default_factory=list)  # per member, at the last split
+    priced_decode: list[float] = field(default_factory=list)
+    tokens_per_batch_second: float = 1.0 / DEFAULT_DECODE_SECONDS_PER_TOKEN
+    uncovered: int = 0
+    """Members not yet closed and covered by a sample; the interval settles at 0."""
+
+
+@dataclass(slots=True)
+class GroupTotals:
+    measured_joules: float = 0.0
+    idle_joules: float = 0.0
+    attributed_joules: float = 0.0
+    """Final request energy: static shares plus settled dynamic shares."""
+    idle_seconds: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class Group:
+    name: str
+    devices: tuple[str, ...]
+    idle: IdlePowerLearner
+    model: CostModel
+    fixed_prefill_weight: float | None
+    prefill_weight: float = DEFAULT_PREFILL_WEIGHT
+    """The latest settled interval's joules per prompt token over joules per output token."""
+    pace: PaceLearner = field(default_factory=lambda: PaceLearner(DEFAULT_PREFILL_TOKENS_PER_SECOND))
+    prefill: PrefillProgress = field(default_factory=PrefillProgress)
+    open: set[RequestUsage] = field(default_factory=set)
+    closed_since_sample: list[RequestUsage] = field(default_factory=list)
+    last_t: float | None = None
+    last_joules: float = 0.0
+    last_power_watts: float = 0.0
+    step_ends: StepEnds = field(default_factory=StepEnds)
+    """When streams' tokens passed: the server's step ends (steps.py)."""
+    prefill_steps: PrefillSteps = field(init=False)
+    totals: GroupTotals = field(default_factory=GroupTotals)
+    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
+    """(seconds, joules) of the latest intervals, for the current power (provisional.py)."""
+
+    def __post_init__(self) -> None:
+        self.prefill_steps = PrefillSteps(self.step_ends)
