@@ -117,10 +117,9 @@ class AttributionEngine:
             )
         group.open.discard(usage)
         group.closed_since_sample.append(usage)
-        if not usage.streaming:
-            for interval in usage.pending:
-                assert isinstance(interval, _Interval)
-                self._end.reestimate(group, interval, usage)
+        for interval in usage.pending:
+            assert isinstance(interval, _Interval)
+            self._end.reprice(group, interval, usage)
 
     def provisional(self, usage: RequestUsage, now: float) -> tuple[float, float, float]:
         """(joules, weighted joules, reserved seconds) for a request that just closed,
@@ -343,8 +342,7 @@ class AttributionEngine:
         take that interval's level."""
         works, rates = self._works(group, interval)
         prompts, decodes, proportional = self._priced(group, interval, works, rates)
-        interval.priced_prompt = prompts
-        interval.priced_decode = decodes
+        interval.works = works
         if proportional:
             weighted = [p + d for p, d in zip(prompts, decodes)]
             return (*split_dynamic(interval.dynamic_joules, weighted, interval.presence), rates)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from proxy.attribution.costmodel import CostModel, Prices
 from proxy.attribution.learning import IdlePowerLearner
+from proxy.attribution.ledger import Ledger
 from proxy.attribution.prefill import PrefillProgress, ProgressSpan
 from proxy.attribution.steps import PrefillSteps, StepEnds
 from proxy.attribution.timing import PaceLearner
@@ -37,8 +38,11 @@ class Interval:
     contexts: array  # tokens in each member's KV cache (streams: as sampled; others: refined later)
     progress: ProgressSpan  # the group's prefill progress at t0 and t1
     prices: Prices | None = None  # AS prices at the interval's rates (once the model is learned)
-    priced_prompt: list[float] = field(default_factory=list)  # per member, at the last split
-    priced_decode: list[float] = field(default_factory=list)
+    works: list[tuple[float, float, float, float]] = field(default_factory=list)
+    """Per member at the last split: prompt tokens, output tokens, context tokens read,
+    seconds in the decode batch."""
+    ledger: Ledger | None = None
+    """The work as known since, for end-of-response figures (provisional.py)."""
     tokens_per_batch_second: float = 1.0 / DEFAULT_DECODE_SECONDS_PER_TOKEN
     uncovered: int = 0
     """Members not yet closed and covered by a sample; the interval settles at 0."""

@@ -16,9 +16,11 @@ from collections import deque
 from typing import Callable
 
 from proxy.attribution.costmodel import Rates
-from proxy.attribution.group import Group, Interval
+from proxy.attribution.group import DEFAULT_DECODE_SECONDS_PER_TOKEN, Group, Interval
+from proxy.attribution.ledger import Ledger
 from proxy.attribution.prefill import ProgressSpan
 from proxy.attribution.split import context_tokens, known_work, presence_shares
+from proxy.attribution.timing import Pace
 from proxy.attribution.usage import RequestUsage
 
 RECENT_SECONDS = 0.3
@@ -100,43 +102,107 @@ class EndOfResponse:
     def estimate(self, group: Group, interval: Interval) -> None:
         """Credit a new unsettled interval's shares as estimates, from the work known now."""
         shares, _, _ = self._split(group, interval, False)
+        pace = group.pace.pace()
+        rows = [self._row(interval, i, u, pace, w) for i, (u, w) in enumerate(zip(interval.members, interval.works))]
+        blind = any(not u.streaming and w[3] > 0 for u, w in zip(interval.members, interval.works))
+        fallback = 1.0 / (pace.decode_seconds_per_token or DEFAULT_DECODE_SECONDS_PER_TOKEN)
+        ledger = Ledger(rows, blind, fallback)
+        ledger.priced_with = group.model.fit if interval.prices is not None else None
+        interval.ledger = ledger
+        for usage in interval.members:
+            first = usage.first_token_at
+            if first is not None and interval.t0 < first <= interval.t1:
+                # Its first token placed its prompt (before it, at the prefill pace):
+                # where it waited, the intervals' totals held it where the queue said.
+                for earlier in usage.pending:
+                    self._revise(group, earlier, usage)  # type: ignore[arg-type]
         for i, (usage, share) in enumerate(zip(interval.members, shares)):
             interval.estimates[i] = share
             usage.dynamic_joules_estimate += share
             usage.weighted_estimate += share * interval.weight
 
-    def reestimate(self, group: Group, interval: Interval, usage: RequestUsage) -> None:
-        """A non-streamed request closed: its work in an unsettled interval is known now
-        (it was not while it ran). Re-price its own share against the interval's totals;
-        O(1), the other members keep their estimates until the interval settles."""
-        try:
-            i = interval.members.index(usage)
-        except ValueError:
+    def reprice(self, group: Group, interval: Interval, usage: RequestUsage) -> None:
+        """A request closed: its work in an unsettled interval is known now (a
+        non-streamed one's output was not while it ran; a stream's tokens per chunk
+        were not), and the cost model may have learned since the interval was first
+        split. Re-price its share at the current model against the interval's work as
+        known now (the ledger); O(1) plus one price evaluation: the other members keep
+        their estimates until they close or the interval settles."""
+        i = self._revise(group, interval, usage)
+        if i is None:
             return
-        pace = group.pace.pace()
-        prompt, _, decoding = known_work(usage, interval.t0, interval.t1, 0.0, pace, (interval.progress.start, interval.progress.end))
-        prices = interval.prices
-        old_prompt, old_decode = interval.priced_prompt[i], interval.priced_decode[i]
-        if prices is None:
-            new_prompt = group.prefill_weight * prompt
-            new_decode = decoding * interval.tokens_per_batch_second
-        else:
-            start = usage.prefill_done_at if usage.prefill_done_at is not None else usage.opened_at
-            context = context_tokens(usage, start, usage.closed_at or interval.t1, (interval.t0 + interval.t1) / 2)
-            output = decoding * interval.tokens_per_batch_second
-            new_prompt = prices.joules(prompt, 0.0, 0.0, 0.0)
-            new_decode = prices.joules(0.0, output, output * context, decoding)
-        prompts = sum(interval.priced_prompt) - old_prompt + new_prompt
-        decodes = sum(interval.priced_decode) - old_decode + new_decode
-        dynamic = interval.dynamic_joules
-        if prices is None or prompts <= 0 or decodes <= 0:
-            total = prompts + decodes
-            share = dynamic * (new_prompt + new_decode) / total if total > 0 else 0.0
-        else:
-            scale = min(1.0, dynamic / prompts)
-            share = new_prompt * scale + new_decode * (dynamic - prompts * scale) / decodes
-        interval.priced_prompt[i], interval.priced_decode[i] = new_prompt, new_decode
+        share = self._share(group, interval, i)
         delta = share - interval.estimates[i]
         interval.estimates[i] = share
         usage.dynamic_joules_estimate += delta
         usage.weighted_estimate += delta * interval.weight
+
+    def _revise(self, group: Group, interval: Interval, usage: RequestUsage) -> int | None:
+        """Replace the member's work in the interval's ledger by what is known of it now;
+        returns its index (None if it is no member)."""
+        ledger = interval.ledger
+        if ledger is None:
+            return None
+        try:
+            i = interval.members.index(usage)
+        except ValueError:
+            return None
+        ledger.replace(i, self._row(interval, i, usage, group.pace.pace(), None))
+        return i
+
+    @staticmethod
+    def _row(
+        interval: Interval, i: int, usage: RequestUsage, pace: Pace, split: tuple[float, float, float, float] | None
+    ) -> tuple[float, float, float, float]:
+        """Member i's ledger row: (prompt tokens, raw output, context per output token,
+        seconds in the decode batch). `split`: its work as the split just counted it (an
+        open request's is as known; else it is worked out again)."""
+        if split is not None and usage.closed_at is None:
+            prompt, raw, decoding = split[0], (interval.binned[i] if usage.streaming else 0.0), split[3]
+            if decoding <= 0:
+                raw = split[1]
+        else:
+            progress = (interval.progress.start, interval.progress.end)
+            prompt, raw, decoding = known_work(usage, interval.t0, interval.t1, interval.binned[i], pace, progress)
+        if decoding <= 0:
+            return (prompt, raw, 0.0, 0.0)
+        if usage.streaming:
+            context = interval.contexts[i]
+        else:
+            start = usage.prefill_done_at if usage.prefill_done_at is not None else usage.opened_at
+            end = usage.closed_at if usage.closed_at is not None else interval.t1
+            context = context_tokens(usage, start, end, (interval.t0 + interval.t1) / 2)
+        return (prompt, raw, context, decoding)
+
+    @staticmethod
+    def _share(group: Group, interval: Interval, i: int) -> float:
+        """Member i's dynamic joules in the interval (split.split_priced, or split_dynamic
+        before the cost model is learned), from the ledger alone."""
+        ledger = interval.ledger
+        assert ledger is not None
+        dynamic = interval.dynamic_joules
+        prompt_tokens, output, context, decoding = ledger.work(i)
+        totals = ledger.totals()
+        model = group.model
+        if interval.prices is None or model.fit is None:
+            total = group.prefill_weight * totals[0] + totals[1]
+            mine = group.prefill_weight * prompt_tokens + output
+            return dynamic * mine / total if total > 0 else 0.0
+        if ledger.priced_with is not model.fit or ledger.moved(totals):
+            # Learned since, or the work moved: the prices at the interval's rates now.
+            duration = interval.t1 - interval.t0
+            interval.prices = model.prices(Rates(*(total / duration for total in totals)))
+            ledger.priced_with = model.fit
+            ledger.priced_at = totals
+        prices = interval.prices
+        prompts = prices.prompt * totals[0]
+        decodes = prices.joules(0.0, totals[1], totals[2], totals[3])
+        mine_prompt = prices.prompt * prompt_tokens
+        mine_decode = prices.joules(0.0, output, context, decoding)
+        if mine_decode <= 0 < output and totals[1] > 0:
+            mine_decode = output * decodes / totals[1]  # work no learned term prices (engine._priced)
+        if prompts <= 0 or decodes <= 0:
+            total = prompts + decodes
+            return dynamic * (mine_prompt + mine_decode) / total if total > 0 else 0.0
+        scale = min(1.0, dynamic / prompts)
+        return mine_prompt * scale + mine_decode * (dynamic - prompts * scale) / decodes

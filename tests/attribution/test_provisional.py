@@ -1,0 +1,98 @@
+"""The figure at the end of the response (DESIGN.md section 5, first channel): once the
+requests a response shared the device with have reported their work, and whatever the
+cost model learned since an interval was metered, the figure a request reads at its end
+is the one its receipt will settle to (here with no tail left to predict)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from proxy.attribution import AttributionEngine, RequestUsage
+from proxy.attribution.costmodel import MIN_BLOCKS, Fit
+from proxy.meters.base import EnergySample
+
+IDLE_WATTS = 50.0
+DYNAMIC_JOULES_PER_INTERVAL = 12.0
+STEP_SECONDS = 0.1
+# Power saturating in total work (towards 100 W more than idle): a prompt token's price
+# depends on how busy the interval was, so a neighbour's unreported output moves it.
+SATURATING = Fit(theta=(100.0, 2000.0, 0.0, 0.0, 0.0, 0.0), saturation_watts=100.0)
+
+
+def _engine(fit: Fit) -> AttributionEngine:
+    engine = AttributionEngine({"g": ["0"]}, idle_power_watts=IDLE_WATTS)
+    engine._groups["g"].model.set_prior(fit, MIN_BLOCKS)  # as if learned
+    return engine
+
+
+class _Meter:
+    def __init__(self, engine: AttributionEngine) -> None:
+        self.engine = engine
+        self.joules = 0.0
+        engine.on_sample(EnergySample(0.0, {"0": 0.0}))
+
+    def read(self, t: float) -> None:
+        self.joules += IDLE_WATTS * STEP_SECONDS + DYNAMIC_JOULES_PER_INTERVAL
+        self.engine.on_sample(EnergySample(t, {"0": self.joules}))
+
+
+def _stream_ticks(usage: RequestUsage, first: float, until: float, every: float = 0.02) -> list[float]:
+    return [first + k * every for k in range(int(round((until - first) / every)) + 1)]
+
+
+def test_end_figure_counts_the_output_a_neighbour_reported_since() -> None:
+    """A stream decodes beside a non-streamed request whose output nobody sees until it
+    ends. The stream's prompt is paid at a price that depends on that output; it ends
+    after its neighbour reported: its end figure is its settled one."""
+    engine = _engine(SATURATING)
+    meter = _Meter(engine)
+    stream = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=1000)
+    blind = engine.open("g", 0.0, streaming=False, prompt_tokens_estimate=0)
+    ticks = _stream_ticks(stream, 0.2, 0.4)  # prompt prefilled in [0, 0.2] at 5,000 tokens/s
+    events = sorted([(t, "tick") for t in ticks] + [(STEP_SECONDS * k, "sample") for k in range(1, 5)])
+    for at, what in events:
+        if what == "tick":
+            stream.tick(1, at)
+        else:
+            meter.read(at)
+        if what == "sample" and math.isclose(at, 0.3):
+            engine.close(blind, 0.35, prompt_tokens=0, output_tokens=60)
+    engine.close(stream, 0.4, prompt_tokens=1000, output_tokens=len(ticks))
+    at_end = engine.provisional(stream, 0.4)[0]
+    assert not stream.final
+    meter.read(0.5)
+    assert stream.final and blind.final
+    assert at_end == pytest.approx(stream.energy_joules, rel=0.01)
+
+
+def test_end_figure_is_priced_by_what_the_model_learned_since() -> None:
+    """Intervals metered while the model said prompts were cheap settle at what it says
+    when they settle; a request closing in between is priced by the newer model too."""
+    cheap = Fit(theta=(5.0, 900.0, 0.0, 0.0, 0.0, 0.0), saturation_watts=math.inf)
+    dear = Fit(theta=(20.0, 900.0, 0.0, 0.0, 0.0, 0.0), saturation_watts=math.inf)
+    engine = _engine(cheap)
+    meter = _Meter(engine)
+    long = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=1000)
+    short = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=0)
+    long_ticks = _stream_ticks(long, 0.2, 0.8)
+    short_ticks = _stream_ticks(short, 0.02, 1.0)
+    events = sorted(
+        [(t, 0, long) for t in long_ticks] + [(t, 0, short) for t in short_ticks] + [(STEP_SECONDS * k, 1, None) for k in range(1, 9)],
+        key=lambda e: (e[0], e[1]),
+    )
+    for at, kind, usage in events:
+        if kind == 0:
+            usage.tick(1, at)  # type: ignore[union-attr]
+        else:
+            meter.read(at)
+    engine._groups["g"].model.set_prior(dear, MIN_BLOCKS)  # the model learned since
+    engine.close(long, 0.8, prompt_tokens=1000, output_tokens=len(long_ticks))
+    at_end = engine.provisional(long, 0.8)[0]
+    for k in range(9, 11):
+        meter.read(STEP_SECONDS * k)
+    engine.close(short, 1.0, prompt_tokens=0, output_tokens=len(short_ticks))
+    meter.read(1.1)
+    assert long.final and short.final
+    assert at_end == pytest.approx(long.energy_joules, rel=0.01)
