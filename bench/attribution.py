@@ -15,7 +15,8 @@ Each world: learning traffic, an idle gap (where the proxy restarts), scored tra
 half the requests stream. Channels, each apart: the settled figure (receipt), the figure
 at the end of the response (headers, end of stream), the same with [attribution]
 settle_ms = 100 and the latency it adds, and the first 30 s of traffic after a restart
-with the learned state reloaded and without. Baselines: each interval's measured energy
+with the learned state reloaded and without (and the same requests scored without a
+restart: what the restart itself costs). Baselines: each interval's measured energy
 split equally among the requests in flight, or by the time each was present.
 Conservation: |attributed + idle - measured| / measured.
 
@@ -364,6 +365,7 @@ def run_case(physics: str, counter: str, seed: int, warmup: int, count: int) -> 
         "equal": (naive["equal split"], scored), "time": (naive["time split"], scored),
         "restart-with": (with_state.settled, early), "restart-with-end": (with_state.at_end, early),
         "restart-without": (without.settled, early), "restart-without-end": (without.at_end, early),
+        "early": (warm.settled, early), "early-end": (warm.at_end, early),
     }  # fmt: skip
     for channel, (attributed, traces) in figures.items():
         for kind, want in (("stream", True), ("plain", False)):
@@ -557,6 +559,8 @@ CHANNELS = (
     ("restart-with-end", "end of response, first 30 s after a restart, state persisted"),
     ("restart-without", "settled, first 30 s after a restart, no state"),
     ("restart-without-end", "end of response, first 30 s after a restart, no state"),
+    ("early", "settled, the same first 30 s, no restart"),
+    ("early-end", "end of response, the same first 30 s, no restart"),
     ("equal", "equal split (naive)"),
     ("time", "elapsed-time split (naive)"),
 )

@@ -325,6 +325,11 @@ class CostModel:
             "blocks": self.blocks,
             "candidates": [{"xx": c.xx, "xy": c.xy, "error": c.error, "theta": c.theta} for c in self._candidates],
             "fit": None if self.fit is None else {"theta": list(self.fit.theta), "saturation_watts": None if math.isinf(self.fit.saturation_watts) else self.fit.saturation_watts},
+            # The sliding window each refit reads, and where the current block stands: without
+            # them a restarted model's next fits see seconds of data instead of the window.
+            "window": [list(sub) for sub in self._window],
+            "sub_block": list(self._sub),
+            "block_seconds_so_far": self._block_seconds_so_far,
         }
 
     def load(self, state: dict[str, Any]) -> bool:
@@ -347,8 +352,18 @@ class CostModel:
                 loaded_fit = Fit(tuple(float(v) for v in fit["theta"]), math.inf if s is None else float(s))  # type: ignore[arg-type]
             if len(candidates) != len(SATURATION_GRID):
                 return False
+            width = len(TERMS) + 2
+            window = [[float(v) for v in sub] for sub in state.get("window", [])]
+            sub_block = [float(v) for v in state.get("sub_block", [0.0] * width)]
+            block_seconds = float(state.get("block_seconds_so_far", 0.0))
+            if any(len(sub) != width for sub in window) or len(sub_block) != width:
+                return False
         except (KeyError, TypeError, ValueError):
             return False
+        self._window.clear()
+        self._window.extend(window)
+        self._sub = sub_block
+        self._block_seconds_so_far = block_seconds
         self._candidates = candidates
         self.fit = loaded_fit
         self.peak_watts = float(state.get("peak_watts", 0.0))

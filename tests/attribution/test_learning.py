@@ -99,6 +99,32 @@ def test_cost_model_state_round_trips() -> None:
     assert not CostModel().load({"terms": ["other"]})  # another layout: ignored, not half-loaded
 
 
+def test_a_restored_cost_model_learns_on_as_the_one_saved() -> None:
+    """A restart between two blocks: the restored model's next fits read the same window
+    (the seconds before the restart) and close its blocks at the same times."""
+
+    def power(r: Rates) -> float:
+        return 300.0 * (1.0 - math.exp(-(0.08 * r.prompt_per_second + 2.5 * r.output_per_second / 45.0) / 300.0))
+
+    model = CostModel()
+    rng = random.Random(11)
+    for i in range(6037):  # five minutes, and a block part way
+        joules, rates = _interval(rng, i, power)
+        model.observe(0.05, joules, rates)
+    restored = CostModel()
+    assert restored.load(json.loads(json.dumps(model.state())))
+    fits = []
+    for i in range(6037, 6037 + 400):  # the next 20 s: four refits
+        joules, rates = _interval(rng, i, power)
+        model.observe(0.05, joules, rates)
+        restored.observe(0.05, joules, rates)
+        fits.append((model.fit, restored.fit))
+    assert model.blocks == restored.blocks
+    for saved, again in fits:
+        assert saved is not None and again is not None
+        assert again == saved
+
+
 def test_idle_power_is_robust_to_stale_reads_and_noise() -> None:
     learner = IdlePowerLearner()
     rng = random.Random(3)
