@@ -12,7 +12,7 @@ from typing import AsyncIterator, Callable, Mapping
 
 from proxy.accounting import Accountant, Figures, GroupPricing
 from proxy.attribution import AttributionEngine, RequestUsage
-from proxy.attribution.prior import group_prior
+from proxy.attribution.prior import prior_from_devices
 from proxy.attribution.state import LearnedStateStore, StateKeeper
 from proxy.budgets import REMAINING_HEADER, build_budgets, format_grams
 from proxy.budgets.cost import requested_output_tokens
@@ -26,7 +26,7 @@ from proxy.forward import Forwarder, json_error
 from proxy.header_guard import RateLimitedLog, first_bad_header, headers_read, invalid_header_message, where
 from proxy.headers import request_id_from, upstream_request_headers
 from proxy.local import LocalEndpoint, LocalRequest, LocalResponse, error_response
-from proxy.meters.base import EnergySample, Meter
+from proxy.meters.base import EnergySample, Meter, device_facts
 from proxy.meters.sampler import Sampler
 from proxy.receipts.endpoint import receipts_endpoint
 from proxy.receipts.model import Receipt, ReceiptStore, new_receipt_id
@@ -112,7 +112,8 @@ class ProxyServer:
             )
         attribution = self.config.attribution
         device_models = {group_name(u): u.device_model for u in self.config.upstreams}
-        priors = {name: p for name, p in ((n, group_prior(device_models[n], len(m))) for n, m in groups.items()) if p}
+        facts = device_facts(self.meter)  # names and board limits from NVML or DCGM, where the meter has them
+        priors = {n: p for n, m in groups.items() if (p := prior_from_devices(device_models[n], [facts.get(d) for d in m], self.meter.kind))}
 
         def engine_factory(weight_at: Callable[[float], float], on_final: Callable[[RequestUsage], None]) -> AttributionEngine:
             return AttributionEngine(

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from proxy.meters.base import DeviceFacts
+
 # Idle and board power limit per device, watts: NVIDIA datasheets for the limit; idle as
 # measured on idle servers with the driver loaded and persistence mode on (nvidia-smi).
 DEVICE_TABLE: dict[str, tuple[float, float]] = {
@@ -62,14 +64,32 @@ def lookup(name: str) -> tuple[float, float] | None:
     return best[1] if best is not None else None
 
 
-def group_prior(device_model: str, devices: int, board_limits_watts: Sequence[float | None] = ()) -> GroupPrior | None:
-    """The group's prior from its device model, with NVML's board limits where known."""
+def group_prior(
+    device_model: str, devices: int, board_limits_watts: Sequence[float | None] = (), limits_source: str = "nvml"
+) -> GroupPrior | None:
+    """The group's prior from its device model, with the meter's board limits where known."""
     figures = lookup(device_model)
     limits = [w for w in board_limits_watts if w]
     if figures is None and not limits:
         return None
     idle = figures[0] * devices if figures is not None else None
     if len(limits) == devices:
-        return GroupPrior(idle, sum(limits), "nvml")
+        return GroupPrior(idle, sum(limits), limits_source)
     board = figures[1] * devices if figures is not None else None
     return GroupPrior(idle, board, f"table:{device_model}")
+
+
+def prior_from_devices(device_model: str, facts: Sequence[DeviceFacts | None], meter: str = "nvml") -> GroupPrior | None:
+    """The group's prior from what its meter says of its devices (`facts`, one per
+    device: NVML's name and enforced power limit, or a DCGM page's modelName label and
+    power limit series): the device model named there when every device names the same
+    one the table knows, else the configured `device_model` (whose default, H100, may
+    not be the hardware); the board limits where every device gave one."""
+    names = {f.name for f in facts if f is not None and f.name}
+    model = device_model
+    if len(names) == 1:
+        (name,) = names
+        if lookup(name) is not None:
+            model = name
+    limits = [f.power_limit_watts if f is not None else None for f in facts]
+    return group_prior(model, len(facts), limits, limits_source=meter)

@@ -25,6 +25,22 @@ class EnergySample:
     """Instantaneous or short-average power where the source offers it (informational)."""
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceFacts:
+    """What a meter learned about a device when it started, for attribution's prior
+    (attribution/prior.py): the model name the driver or exporter gives, and the board
+    power limit in force. None where the source does not say."""
+
+    name: str | None = None
+    power_limit_watts: float | None = None
+
+
+def device_facts(meter: object) -> Mapping[str, DeviceFacts]:
+    """Device id -> facts, from a started meter that offers them (nvml, scrape); else {}."""
+    facts = getattr(meter, "device_facts", None)
+    return facts() if callable(facts) else {}
+
+
 class Meter(Protocol):
     kind: str
     """Short name used in X-Emissions-Basis: nvml, scrape, rapl, estimate, sim."""

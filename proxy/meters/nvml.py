@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
-from proxy.meters.base import EnergySample, MeterError
+from proxy.meters.base import DeviceFacts, EnergySample, MeterError
 from proxy.meters.counters import EnergyCounter, PowerIntegrator
 
 ALTERNATIVES = "use meter kind 'scrape' (DCGM exporter), 'rapl' or 'estimate'"
@@ -50,12 +50,13 @@ SOURCE_POWER_AVERAGE = "power_usage"
 class _Gpu:
     """One configured device. Touched only on the NVML thread."""
 
-    __slots__ = ("device_id", "handle", "source", "counter", "integrator")
+    __slots__ = ("device_id", "handle", "source", "facts", "counter", "integrator")
 
-    def __init__(self, device_id: str, handle: Any, source: str) -> None:
+    def __init__(self, device_id: str, handle: Any, source: str, facts: DeviceFacts) -> None:
         self.device_id = device_id
         self.handle = handle
         self.source = source
+        self.facts = facts
         self.counter = EnergyCounter(_JOULES_PER_MILLIJOULE, wrap_units=_COUNTER_WRAP_MILLIJOULES)
         self.integrator = PowerIntegrator()
 
@@ -87,6 +88,10 @@ class NvmlMeter:
     def sources(self) -> dict[str, str]:
         """Which NVML reading each device uses (energy_counter, power_instant, power_usage)."""
         return {gpu.device_id: gpu.source for gpu in self._gpus}
+
+    def device_facts(self) -> dict[str, DeviceFacts]:
+        """Each GPU's name and enforced board power limit, as NVML gave them at start()."""
+        return {gpu.device_id: gpu.facts for gpu in self._gpus}
 
     async def start(self) -> None:
         if self._nvml is not None:
@@ -168,7 +173,7 @@ class NvmlMeter:
         except nvml.NVMLError as err:
             raise MeterError(f"nvml meter: no GPU {device_id!r} ({err}); {visible}") from err
         _refuse_partitioned(nvml, handle, device_id)
-        return _Gpu(device_id, handle, _choose_source(nvml, handle, device_id))
+        return _Gpu(device_id, handle, _choose_source(nvml, handle, device_id), _read_facts(nvml, handle))
 
     def _read_all(self, nvml: ModuleType, gpus: list[_Gpu]) -> EnergySample:
         joules: dict[str, float] = {}
@@ -193,6 +198,27 @@ class NvmlMeter:
             if power is not None:
                 watts[gpu.device_id] = power
         return EnergySample(timestamp_seconds=stamp_seconds, joules_by_device=joules, power_watts_by_device=watts)
+
+
+def _read_facts(nvml: ModuleType, handle: Any) -> DeviceFacts:
+    """Name and board power limit: the enforced limit (the lower of the management limit
+    and any other cap), else the management limit; None where NVML says NotSupported."""
+    name = None
+    try:
+        raw = nvml.nvmlDeviceGetName(handle)
+        name = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)  # bytes before 11.5
+    except (AttributeError, nvml.NVMLError):
+        pass
+    limit = None
+    for getter in ("nvmlDeviceGetEnforcedPowerLimit", "nvmlDeviceGetPowerManagementLimit"):
+        try:
+            milliwatts = float(getattr(nvml, getter)(handle))
+        except (AttributeError, nvml.NVMLError):
+            continue
+        if milliwatts > 0:
+            limit = milliwatts * _WATTS_PER_MILLIWATT
+            break
+    return DeviceFacts(name, limit)
 
 
 def _refuse_partitioned(nvml: ModuleType, handle: Any, device_id: str) -> None:

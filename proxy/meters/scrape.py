@@ -36,8 +36,13 @@ from typing import Callable, Collection, Mapping, Sequence
 import aiohttp
 
 from proxy.errors import ConfigError
-from proxy.meters.base import EnergySample, MeterError
+from proxy.meters.base import DeviceFacts, EnergySample, MeterError
 from proxy.meters.counters import EnergyCounter
+
+MODEL_NAME_LABEL = "modelName"
+"""The DCGM exporter's label for the GPU's model name ("NVIDIA H100 80GB HBM3")."""
+POWER_LIMIT_METRIC = "DCGM_FI_DEV_POWER_MGMT_LIMIT"
+"""The DCGM exporter's board power limit in watts, where its counters list includes it."""
 
 # Prometheus' own fallback: plain text 0.0.4, where counter samples keep their names.
 _ACCEPT = "text/plain;version=0.0.4;q=1,*/*;q=0.1"
@@ -172,6 +177,7 @@ class ScrapeMeter:
         self._session: aiohttp.ClientSession | None = None
         self._counters: dict[str, EnergyCounter] = {}
         self._page_summary = ""  # what the last page held, for error messages
+        self._facts: dict[str, DeviceFacts] = {}
         # Reads are serialized: two overlapping scrapes could apply an older page after a
         # newer one, which would look like a counter reset and count energy twice.
         self._lock = asyncio.Lock()
@@ -181,6 +187,11 @@ class ScrapeMeter:
             return tuple(self._counters)
         return tuple(self._configured or ())
 
+    def device_facts(self) -> dict[str, DeviceFacts]:
+        """What the first page said of each device: the model name label and the power
+        limit series, where the exporter publishes them (DCGM)."""
+        return dict(self._facts)
+
     async def start(self) -> None:
         if self._session is not None:
             return
@@ -189,13 +200,15 @@ class ScrapeMeter:
             headers={"Accept": _ACCEPT},
         )
         try:
-            series = self._series(await self._fetch(), self._configured)
+            page = await self._fetch()
+            series = self._series(page, self._configured)
             devices = self._configured if self._configured is not None else sorted(series, key=_natural)
             if not devices:
                 raise MeterError(f"scrape meter: {self._no_series(None)}")
             self._counters = {device: EnergyCounter(self.scale) for device in devices}
             # The first page sets the origin and proves every device is there.
             self._update(series, self._clock())
+            self._facts = self._read_facts(page, devices)
         except BaseException:
             await self.close()
             raise
@@ -256,6 +269,19 @@ class ScrapeMeter:
                     f"pick one with match_labels"
                 )
         return found
+
+    def _read_facts(self, page: str, devices: Sequence[str]) -> dict[str, DeviceFacts]:
+        names: dict[str, str] = {}
+        for labels, _ in parse_samples(page, self.metric):
+            device = labels.get(self.device_label)
+            if device is not None and MODEL_NAME_LABEL in labels and all(labels.get(k) == v for k, v in self.match_labels.items()):
+                names.setdefault(device, labels[MODEL_NAME_LABEL])
+        limits: dict[str, float] = {}
+        for labels, watts in parse_samples(page, POWER_LIMIT_METRIC):
+            device = labels.get(self.device_label)
+            if device is not None and math.isfinite(watts) and watts > 0 and all(labels.get(k) == v for k, v in self.match_labels.items()):
+                limits.setdefault(device, watts)
+        return {d: DeviceFacts(names.get(d), limits.get(d)) for d in devices if d in names or d in limits}
 
     def _update(self, series: Mapping[str, float], now_seconds: float) -> EnergySample:
         for device in self._counters:  # check them all before moving any counter

@@ -77,6 +77,9 @@ class FakeClock:
 class FakeGpu:
     uuid: str
     watts: float = 300.0
+    name: str = "NVIDIA H100 80GB HBM3"
+    enforced_limit_watts: float | None = 700.0  # None: NotSupported
+    management_limit_watts: float | None = 700.0
     energy_counter: bool = True
     instant_power_field: bool = True
     power_usage: bool = True
@@ -238,8 +241,26 @@ class FakeNvml:
                 raise NVMLError_NotSupported()
             return math.floor(gpu.watts * 1000)
 
+        def nvmlDeviceGetName(handle: int) -> str:
+            return fake._gpu(handle).name
+
+        def nvmlDeviceGetEnforcedPowerLimit(handle: int) -> int:
+            watts = fake._gpu(handle).enforced_limit_watts
+            if watts is None:
+                raise NVMLError_NotSupported()
+            return round(watts * 1000)
+
+        def nvmlDeviceGetPowerManagementLimit(handle: int) -> int:
+            watts = fake._gpu(handle).management_limit_watts
+            if watts is None:
+                raise NVMLError_NotSupported()
+            return round(watts * 1000)
+
         for function in (
             nvmlInit,
+            nvmlDeviceGetName,
+            nvmlDeviceGetEnforcedPowerLimit,
+            nvmlDeviceGetPowerManagementLimit,
             nvmlShutdown,
             nvmlDeviceGetCount,
             nvmlDeviceGetHandleByIndex,

@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 
-from proxy.meters.base import EnergySample, MeterError
+from proxy.meters.base import DeviceFacts, EnergySample, MeterError, device_facts
 from proxy.meters.nvml import NvmlMeter
 
 from .fake_pynvml import COUNTER_WRAP_MILLIJOULES, FakeClock, FakeGpu, FakeNvml
@@ -45,6 +45,24 @@ async def test_reports_joules_per_configured_device_by_index_and_uuid(install_nv
     assert meter.method == "measured" and meter.kind == "nvml"
     await meter.close()
     assert fake.init_count == 0, "nvmlShutdown pairs nvmlInit"
+
+
+async def test_names_each_gpu_and_its_board_power_limit(install_nvml: Install, clock: FakeClock) -> None:
+    install_nvml(
+        [
+            FakeGpu(UUID_A, name="NVIDIA A100-SXM4-40GB", enforced_limit_watts=300.0, management_limit_watts=400.0),
+            FakeGpu(UUID_B, name="NVIDIA L4", enforced_limit_watts=None, management_limit_watts=72.0),
+            FakeGpu("GPU-c", enforced_limit_watts=None, management_limit_watts=None),
+        ]
+    )
+    meter = NvmlMeter(clock=clock)
+    await meter.start()
+    assert device_facts(meter) == {
+        "0": DeviceFacts("NVIDIA A100-SXM4-40GB", 300.0),  # the enforced limit: capped below the board's 400 W
+        "1": DeviceFacts("NVIDIA L4", 72.0),  # no enforced limit reported: the management limit
+        "2": DeviceFacts("NVIDIA H100 80GB HBM3", None),
+    }
+    await meter.close()
 
 
 async def test_no_devices_configured_means_every_gpu_by_index(install_nvml: Install, clock: FakeClock) -> None:

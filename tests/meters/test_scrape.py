@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from proxy.errors import ConfigError
-from proxy.meters.base import MeterError
+from proxy.meters.base import DeviceFacts, MeterError, device_facts
 from proxy.meters.scrape import PRESETS, ScrapeMeter, make_scrape_meter, parse_samples
 
 from .fake_pynvml import FakeClock
@@ -20,7 +20,9 @@ UUID_0 = "GPU-3877938d-024c-c46b-5268-cd86ad37f0d7"
 UUID_1 = "GPU-8a1f6c42-1e5b-4c1d-9a3e-2b7c9d0e4f51"
 
 
-def dcgm_page(millijoules: dict[str, int], hostname: str = "node-a") -> str:
+def dcgm_page(
+    millijoules: dict[str, int], hostname: str = "node-a", model: str = "NVIDIA H100 80GB HBM3", limits_watts: dict[str, float] | None = None
+) -> str:
     lines = [
         "# HELP DCGM_FI_DEV_POWER_USAGE Power draw (in W).",
         "# TYPE DCGM_FI_DEV_POWER_USAGE gauge",
@@ -34,9 +36,13 @@ def dcgm_page(millijoules: dict[str, int], hostname: str = "node-a") -> str:
     for gpu, value in millijoules.items():
         lines.append(
             f'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{{gpu="{gpu}",UUID="{[UUID_0, UUID_1][int(gpu) % 2]}",'
-            f'device="nvidia{gpu}",modelName="NVIDIA H100 80GB HBM3",Hostname="{hostname}",'
+            f'device="nvidia{gpu}",modelName="{model}",Hostname="{hostname}",'
             f'DCGM_FI_DRIVER_VERSION="550.54.15"}} {value}'
         )
+    if limits_watts:
+        lines += ["# HELP DCGM_FI_DEV_POWER_MGMT_LIMIT Power management limit (in W).", "# TYPE DCGM_FI_DEV_POWER_MGMT_LIMIT gauge"]
+        for gpu, watts in limits_watts.items():
+            lines.append(f'DCGM_FI_DEV_POWER_MGMT_LIMIT{{gpu="{gpu}",UUID="{[UUID_0, UUID_1][int(gpu) % 2]}",modelName="{model}",Hostname="{hostname}"}} {watts}')
     return "\n".join(lines) + "\n"
 
 
@@ -104,6 +110,22 @@ async def test_dcgm_preset_reads_millijoules_as_joules_per_gpu_index(exporter: E
     sample = await meter.read()
     assert sample.joules_by_device == {"0": pytest.approx(300.0), "1": pytest.approx(50.0), "10": 0.0}
     assert meter.kind == "scrape" and meter.method == "measured"
+    await meter.close()
+
+
+async def test_dcgm_page_names_each_gpu_and_its_power_limit_where_published(exporter: Exporter) -> None:
+    exporter.page = dcgm_page({"0": 1_000, "1": 2_000}, model="NVIDIA A100-SXM4-80GB", limits_watts={"0": 350.0})
+    meter = make_scrape_meter("dcgm", url=exporter.url)
+    await meter.start()
+    assert device_facts(meter) == {
+        "0": DeviceFacts("NVIDIA A100-SXM4-80GB", 350.0),
+        "1": DeviceFacts("NVIDIA A100-SXM4-80GB", None),  # its limit is not on the page
+    }
+    await meter.close()
+    exporter.page = triton_page(10.0)  # no model label, no limit: nothing to tell
+    meter = make_scrape_meter("triton", url=exporter.url)
+    await meter.start()
+    assert device_facts(meter) == {}
     await meter.close()
 
 
