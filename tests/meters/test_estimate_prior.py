@@ -8,6 +8,8 @@ answering like llama-cpp-python (usage in the body), with an unknown model name.
 
 from __future__ import annotations
 
+import json
+
 import aiohttp
 import pytest
 from aiohttp import web
@@ -76,6 +78,43 @@ async def test_every_non_streaming_answer_states_energy_from_the_first() -> None
         for joules, basis in figures:
             assert joules >= expected * 0.999
             assert "meter=estimate; method=estimated" in basis
+    finally:
+        await service.stop()
+        await runner.cleanup()
+
+
+async def _stream(request: web.Request) -> web.StreamResponse:
+    """llama-cpp-python's SSE: content chunks, then no usage unless asked."""
+    body = await request.json()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for _ in range(int(body.get("max_tokens", 16))):
+        chunk = {"id": "c", "object": "chat.completion.chunk", "model": body["model"], "choices": [{"index": 0, "delta": {"content": "x"}}]}
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def test_every_stream_states_energy_from_the_first() -> None:
+    runner, url = await start_upstream({"/v1/chat/completions": _stream})
+    service = await start_proxy(url, meter=EstimateMeter(["0"]))
+    try:
+        async with aiohttp.ClientSession() as session:
+            figures = []
+            for _ in range(4):
+                async with session.post(
+                    f"http://127.0.0.1:{service.public_port}/v1/chat/completions",
+                    json={"model": "/models/tiny.gguf", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "stream": True},
+                ) as response:
+                    assert response.status == 200
+                    text = (await response.read()).decode()
+                (line,) = [line for line in text.split("\n") if line.startswith(": emissions ")]
+                figures.append(json.loads(line[len(": emissions ") :]))
+        expected = 10 * ecologits_joules_per_output_token(8.0)  # ten content chunks, the 8 B prior
+        for emissions in figures:
+            assert emissions["energy_joules"] >= expected * 0.999
+            assert "method=estimated" in emissions["basis"]
     finally:
         await service.stop()
         await runner.cleanup()
