@@ -13,24 +13,34 @@ REPRICE_FRACTION = 0.01
 """An interval's prices are evaluated again when its work totals moved by more than this."""
 
 
+Row = tuple[float, float, float, float, bool]
+"""prompt tokens, raw output, context tokens per output token, batch seconds, output known."""
+
+
 class Ledger:
     """An unsettled interval's work as known since it was first split, kept so that a
     member's share can be re-priced in O(1) when it closes (engine._works' rules).
 
-    Per member: prompt tokens, raw output (a stream's tokens, a closed request's output
-    spread over its decode, a work unit count; an open non-streamed request's is
-    unknown: 0), context tokens per output token, seconds in the decode batch. Where a
-    non-streamed request decodes (its tokens are not seen) or no token was seen, every
-    sequence in the batch makes one token per step: decoders' output is their seconds
-    in the batch at the batch's known token rate, which sharpens as members close."""
+    Per member (a Row): prompt tokens, raw output (a stream's tokens, a closed request's
+    output spread over its decode, a work unit count; an open non-streamed request's is
+    not known yet), context tokens per output token, seconds in the decode batch, and
+    whether its output is known. Where a non-streamed request decodes (its tokens are
+    not seen) or no token was seen, every sequence in the batch makes one token per step:
+    decoders' output is their seconds in the batch at the batch's token rate, measured on
+    the sequences whose output is known (an open request's seconds count as decoding at
+    that rate, not at none), which sharpens as members close."""
 
-    __slots__ = ("rows", "prompt", "units", "known", "seconds", "raw_context", "step_context", "blind", "fallback_tokens_per_second", "priced_with", "priced_at")
+    __slots__ = (
+        "rows", "prompt", "units", "known", "seconds", "known_seconds", "raw_context", "step_context",
+        "blind", "fallback_tokens_per_second", "priced_with", "priced_at",
+    )  # fmt: skip
 
-    def __init__(self, rows: list[tuple[float, float, float, float]], blind: bool, fallback_tokens_per_second: float) -> None:
+    def __init__(self, rows: list[Row], blind: bool, fallback_tokens_per_second: float) -> None:
         self.rows = rows
         self.blind = blind
         self.fallback_tokens_per_second = fallback_tokens_per_second
-        self.prompt = self.units = self.known = self.seconds = self.raw_context = self.step_context = 0.0
+        self.prompt = self.units = self.known = self.seconds = self.known_seconds = 0.0
+        self.raw_context = self.step_context = 0.0
         for row in rows:
             self._add(row, 1.0)
         self.priced_with: object | None = None
@@ -44,18 +54,20 @@ class Ledger:
         moves them by less than that)."""
         return any(abs(a - b) > REPRICE_FRACTION * max(abs(a), abs(b)) for a, b in zip(totals, self.priced_at))
 
-    def _add(self, row: tuple[float, float, float, float], sign: float) -> None:
-        prompt, raw, context, decoding = row
+    def _add(self, row: Row, sign: float) -> None:
+        prompt, raw, context, decoding, seen = row
         self.prompt += sign * prompt
         if decoding > 0:
             self.known += sign * raw
             self.seconds += sign * decoding
+            if seen:
+                self.known_seconds += sign * decoding
             self.raw_context += sign * raw * context
             self.step_context += sign * decoding * context
         else:
             self.units += sign * raw
 
-    def replace(self, i: int, row: tuple[float, float, float, float]) -> bool:
+    def replace(self, i: int, row: Row) -> bool:
         """A member's row as known now; whether it changed."""
         old = self.rows[i]
         if row == old:
@@ -69,11 +81,13 @@ class Ledger:
         return self.blind or self.known + self.units <= 0
 
     def tokens_per_batch_second(self) -> float:
-        return self.known / self.seconds if self.known > 0 and self.seconds > 0 else self.fallback_tokens_per_second
+        if self.known > 0 and self.known_seconds > 0:
+            return self.known / self.known_seconds
+        return self.fallback_tokens_per_second
 
     def work(self, i: int) -> tuple[float, float, float, float]:
         """Member i's (prompt, output, context read, batch seconds), as the split counts them."""
-        prompt, raw, context, decoding = self.rows[i]
+        prompt, raw, context, decoding, _ = self.rows[i]
         if decoding <= 0:
             return (prompt, raw, 0.0, 0.0)
         output = decoding * self.tokens_per_batch_second() if self.by_steps() else raw

@@ -17,7 +17,7 @@ from typing import Callable
 
 from proxy.attribution.costmodel import Rates
 from proxy.attribution.group import DEFAULT_DECODE_SECONDS_PER_TOKEN, Group, Interval
-from proxy.attribution.ledger import Ledger
+from proxy.attribution.ledger import Ledger, Row
 from proxy.attribution.prefill import ProgressSpan
 from proxy.attribution.split import context_tokens, known_work, presence_shares
 from proxy.attribution.timing import Pace
@@ -153,10 +153,9 @@ class EndOfResponse:
     @staticmethod
     def _row(
         interval: Interval, i: int, usage: RequestUsage, pace: Pace, split: tuple[float, float, float, float] | None
-    ) -> tuple[float, float, float, float]:
-        """Member i's ledger row: (prompt tokens, raw output, context per output token,
-        seconds in the decode batch). `split`: its work as the split just counted it (an
-        open request's is as known; else it is worked out again)."""
+    ) -> Row:
+        """Member i's ledger row (ledger.Row). `split`: its work as the split just counted
+        it (an open request's is as known; else it is worked out again)."""
         if split is not None and usage.closed_at is None:
             prompt, raw, decoding = split[0], (interval.binned[i] if usage.streaming else 0.0), split[3]
             if decoding <= 0:
@@ -164,15 +163,16 @@ class EndOfResponse:
         else:
             progress = (interval.progress.start, interval.progress.end)
             prompt, raw, decoding = known_work(usage, interval.t0, interval.t1, interval.binned[i], pace, progress)
+        seen = usage.streaming or usage.closed_at is not None
         if decoding <= 0:
-            return (prompt, raw, 0.0, 0.0)
+            return (prompt, raw, 0.0, 0.0, seen)
         if usage.streaming:
             context = interval.contexts[i]
         else:
             start = usage.prefill_done_at if usage.prefill_done_at is not None else usage.opened_at
             end = usage.closed_at if usage.closed_at is not None else interval.t1
             context = context_tokens(usage, start, end, (interval.t0 + interval.t1) / 2)
-        return (prompt, raw, context, decoding)
+        return (prompt, raw, context, decoding, seen)
 
     @staticmethod
     def _share(group: Group, interval: Interval, i: int) -> float:

@@ -28,13 +28,15 @@ def _engine(fit: Fit) -> AttributionEngine:
 
 
 class _Meter:
-    def __init__(self, engine: AttributionEngine) -> None:
+    def __init__(self, engine: AttributionEngine, start: float = 0.0) -> None:
         self.engine = engine
         self.joules = 0.0
-        engine.on_sample(EnergySample(0.0, {"0": 0.0}))
+        self.last = start
+        engine.on_sample(EnergySample(start, {"0": 0.0}))
 
     def read(self, t: float) -> None:
-        self.joules += IDLE_WATTS * STEP_SECONDS + DYNAMIC_JOULES_PER_INTERVAL
+        self.joules += (t - self.last) * (IDLE_WATTS + DYNAMIC_JOULES_PER_INTERVAL / STEP_SECONDS)
+        self.last = t
         self.engine.on_sample(EnergySample(t, {"0": self.joules}))
 
 
@@ -96,3 +98,39 @@ def test_end_figure_is_priced_by_what_the_model_learned_since() -> None:
     meter.read(1.1)
     assert long.final and short.final
     assert at_end == pytest.approx(long.energy_joules, rel=0.01)
+
+
+def test_end_figure_counts_an_open_neighbour_as_decoding_at_the_batchs_rate() -> None:
+    """A stream's prompt is paid at a price that depends on how much the batch decoded
+    beside it. It ends while a non-streamed neighbour still runs: that neighbour's tokens
+    are unseen, but it decodes in the same batch, one token per step like the streams.
+    Counting its seconds in the batch at the rate the streams show (not as decoding
+    nothing) is what the intervals settle to once it reports that rate."""
+    engine = _engine(SATURATING)
+    group = engine._groups["g"]
+    group.pace.load({"prefill_rates": [5000.0] * 25, "token_gaps": [0.02] * 25})  # 50 tokens/s learned
+    meter = _Meter(engine, start=-0.2)
+    decoding = engine.open("g", -0.2, streaming=True, prompt_tokens_estimate=0)  # in full flow at 0
+    prompted = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=1000)
+    blind = engine.open("g", 0.0, streaming=False, prompt_tokens_estimate=0)
+    # Tokens between readings (none on a reading's instant): 5 per 0.1 s for each stream.
+    ticks = {prompted: _stream_ticks(prompted, 0.21, 0.39), decoding: _stream_ticks(decoding, -0.19, 0.69)}
+    events = sorted(
+        [(t, 0, u) for u, times in ticks.items() for t in times] + [(STEP_SECONDS * k, 1, None) for k in range(-1, 8)],
+        key=lambda e: (e[0], e[1]),
+    )
+    at_end = None
+    for at, kind, usage in events:
+        if kind == 0:
+            usage.tick(1, at)  # type: ignore[union-attr]
+            continue
+        meter.read(at)
+        if math.isclose(at, 0.4):
+            engine.close(prompted, 0.4, prompt_tokens=1000, output_tokens=len(ticks[prompted]))
+            at_end = engine.provisional(prompted, 0.4)[0]
+        if math.isclose(at, 0.6):
+            engine.close(blind, 0.6, prompt_tokens=0, output_tokens=30)  # 50 tokens/s, as the streams
+    engine.close(decoding, 0.7, prompt_tokens=0, output_tokens=len(ticks[decoding]))
+    meter.read(0.8)
+    assert prompted.final and decoding.final and blind.final
+    assert at_end == pytest.approx(prompted.energy_joules, rel=0.01)
