@@ -89,7 +89,7 @@ class AttributionEngine:
     def open(self, group: str, at: float, *, streaming: bool, prompt_tokens_estimate: int = 0) -> RequestUsage:
         usage = RequestUsage(group=group, opened_at=at, streaming=streaming, prompt_tokens_estimate=prompt_tokens_estimate)
         g = self._groups[group]
-        g.open.add(usage)
+        g.open[usage] = None
         g.prefill.enqueue(usage)
         return usage
 
@@ -115,7 +115,7 @@ class AttributionEngine:
             group.pace.observe_stream(
                 prompt_tokens or 0, usage.opened_at, usage.first_token_at, usage.last_token_at, output_tokens or 0
             )
-        group.open.discard(usage)
+        group.open.pop(usage, None)
         group.closed_since_sample.append(usage)
         for interval in usage.pending:
             assert isinstance(interval, _Interval)

@@ -68,7 +68,9 @@ class Group:
     """The latest settled interval's joules per prompt token over joules per output token."""
     pace: PaceLearner = field(default_factory=lambda: PaceLearner(DEFAULT_PREFILL_TOKENS_PER_SECOND))
     prefill: PrefillProgress = field(default_factory=PrefillProgress)
-    open: set[RequestUsage] = field(default_factory=set)
+    open: dict[RequestUsage, None] = field(default_factory=dict)
+    """Requests in flight, in arrival order: a set iterates in an order that follows
+    memory addresses, and the splits' float sums would follow it."""
     closed_since_sample: list[RequestUsage] = field(default_factory=list)
     last_t: float | None = None
     last_joules: float = 0.0
