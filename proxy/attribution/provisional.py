@@ -20,6 +20,7 @@ from proxy.attribution.group import DEFAULT_DECODE_SECONDS_PER_TOKEN, Group, Int
 from proxy.attribution.ledger import Ledger, Row
 from proxy.attribution.prefill import ProgressSpan
 from proxy.attribution.split import context_tokens, known_work, presence_shares
+from proxy.attribution.steps import step_prices
 from proxy.attribution.timing import Pace
 from proxy.attribution.usage import RequestUsage
 
@@ -191,7 +192,10 @@ class EndOfResponse:
         if ledger.priced_with is not model.fit or ledger.moved(totals):
             # Learned since, or the work moved: the prices at the interval's rates now.
             duration = interval.t1 - interval.t0
-            interval.prices = model.prices(Rates(*(total / duration for total in totals)))
+            rates = Rates(*(total / duration for total in totals))
+            around = group.step_ends.around(interval.t0, interval.t1)
+            fastest = group.pace.pace().fastest_decode_seconds_per_token
+            interval.prices = step_prices(model.prices, interval.t0, interval.t1, around, fastest, rates)  # as engine._priced
             ledger.priced_with = model.fit
             ledger.priced_at = totals
         prices = interval.prices
