@@ -403,6 +403,7 @@ class AttributionEngine:
                 "cost_model": group.model.state(),
                 "pace": group.pace.state(),
                 "prefill_weight": group.prefill_weight,
+                "prefill_steps": group.prefill_steps.state(),
             }
             for name, group in self._groups.items()
         }
@@ -423,12 +424,14 @@ class AttributionEngine:
                 idle = [float(w) for w in state["idle_watts"]]
                 pace = {k: [float(v) for v in state["pace"][k]] for k in ("prefill_rates", "token_gaps")}
                 weight = float(state["prefill_weight"])
-            except (KeyError, TypeError, ValueError):
+                steps = {k: [float(v) for v in state.get("prefill_steps", {}).get(k, [])] for k in ("step_lengths", "seconds_per_prompt_token")}
+            except (KeyError, TypeError, ValueError, AttributeError):
                 log.warning("learned attribution state of %r is unreadable; learning it again", name)
                 continue
             group.model = model
             group.idle.load(idle)
             group.pace.load(pace)
+            group.prefill_steps.load(steps)
             if group.fixed_prefill_weight is None:
                 group.prefill_weight = weight
             restored.append(name)

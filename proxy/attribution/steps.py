@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from proxy.attribution.costmodel import Prices, Rates
 
@@ -219,6 +219,15 @@ class PrefillSteps:
             ordered = sorted(self._per_token)
             self._seconds_per_token = ordered[int(PREFILL_PERCENTILE * (len(ordered) - 1))]
         return self._seconds_per_token
+
+    def state(self) -> dict[str, list[float]]:
+        """What was learned (step lengths, seconds per prompt token), to persist."""
+        return {"step_lengths": list(self._lengths), "seconds_per_prompt_token": list(self._per_token)}
+
+    def load(self, state: Mapping[str, Sequence[float]]) -> None:
+        self._lengths.extend(float(v) for v in state.get("step_lengths", ()) if v > 0)
+        self._per_token.extend(float(v) for v in state.get("seconds_per_prompt_token", ()) if v > 0)
+        self._seconds_per_token = None
 
     def processed_tokens(self, t0: float, t1: float) -> float | None:
         """Prompt tokens processed in [t0, t1] while a stream decodes; None when unknown."""

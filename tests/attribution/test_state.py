@@ -89,3 +89,18 @@ def test_device_prior_from_the_model_table() -> None:
     assert nvml is not None and nvml.board_watts == 1000.0 and nvml.source == "nvml"
     engine = AttributionEngine({"g": ["0", "1"]}, prior={"g": prior})
     assert engine.idle_power_watts("g") == 140.0  # before any idle time was seen
+
+
+def test_what_the_steps_taught_survives_a_restart() -> None:
+    """Prefill read from step lengths needs a decode-only step's length and the seconds a
+    prompt token adds to a step, learned from streams: a restarted engine keeps them."""
+    import json
+
+    engine = AttributionEngine({"g": ["0"]})
+    taught = {"step_lengths": [0.021, 0.02, 0.035, 0.02], "seconds_per_prompt_token": [2.0e-5 + i * 1e-7 for i in range(30)]}
+    engine._groups["g"].prefill_steps.load(taught)
+    restarted = AttributionEngine({"g": ["0"]})
+    assert restarted.load_state(json.loads(json.dumps(engine.save_state()))) == ["g"]
+    steps = restarted._groups["g"].prefill_steps
+    assert steps.shortest() == 0.02
+    assert steps.seconds_per_token() == engine._groups["g"].prefill_steps.seconds_per_token() is not None
