@@ -123,3 +123,8 @@ async def checked(client: openai.AsyncOpenAI, batch_id: str) -> Any:
 
     await until(done, "the input file's check")
     return found[0]
+
+
+# The fleet tests' throwaway PostgreSQL (skips, or fails under CI, exactly where they do).
+from fleet.conftest import cluster, dsn  # noqa: E402,F401
+
