@@ -5,6 +5,10 @@ mid-batch resumes from the database."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import io
+import json
 from typing import Any
 
 import openai
@@ -12,6 +16,7 @@ import orjson
 import pytest
 from conftest import HOUR, OWNER_KEY, T0, Rig, chat_lines, jsonl, until, upload
 
+from proxy.batches import cli as batches_cli
 from proxy.batches.pg_store import PgBatchStore
 
 
@@ -71,3 +76,15 @@ async def test_replicas_share_batches_and_a_restart_resumes_from_postgres(rig: R
     output = [orjson.loads(l) for l in (await on_other.files.content(done.output_file_id)).content.splitlines()]
     assert [o["custom_id"] for o in output] == [l["custom_id"] for l in lines]  # each once, in order
     assert all(o["response"]["status_code"] == 200 for o in output)
+
+    # `carbon-proxy batches --config` lists them from the fleet's database.
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[[upstreams]]\nname = "sim"\nurl = "{rig.sim.url}"\n\n'
+        f'[receipts]\npath = "{tmp_path / "cli-receipts.db"}"\nbackend = "postgres"\ndsn = "{dsn}"\n'
+    )
+    out = io.StringIO()
+    args = argparse.Namespace(config=str(config), db=None, dsn=None, format="json")
+    assert await asyncio.to_thread(batches_cli.run, args, out) == 0
+    listed = json.loads(out.getvalue())
+    assert [(b["id"], b["status"], b["request_counts"]["completed"]) for b in listed] == [(batch.id, "completed", 12)]
