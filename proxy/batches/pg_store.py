@@ -222,23 +222,21 @@ class PgBatchStore:
                 log.warning("batch %s: lease not released (%s); it expires in %.0f s", batch_id, type(exc).__name__, self.lease_seconds)
 
     async def _keep(self, batch_id: str, on_cancel: Callable[[], None], runner: asyncio.Task[Any]) -> None:
-        """Renew the lease; stop the runner when it is lost (another replica may run the batch)."""
-        loop = asyncio.get_running_loop()
-        held_until = loop.time() + self.lease_seconds
+        """Renew the lease; stop the runner when it is lost (another replica may run the
+        batch) or cannot be renewed (the database is unreachable: no result could be
+        stored either, so lines sent now would only run again). The batch resumes where
+        the lease is next taken, here or on another replica, from its stored results."""
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             try:
                 status = await self.pool.fetchval(_RENEW, batch_id, self.replica, self.lease_seconds)
-            except Exception as exc:  # the database is unreachable: keep trying while the lease lasts
-                log.warning("batch %s: lease renewal failed (%s)", batch_id, type(exc).__name__)
-                if loop.time() < held_until:
-                    continue
+            except Exception as exc:
+                log.warning("batch %s: lease renewal failed (%s); stopping its lines", batch_id, type(exc).__name__)
                 status = None
             if status is None:
-                log.warning("batch %s: lease lost; another replica may resume it", batch_id)
+                log.warning("batch %s: lease not held; the replica that takes it next resumes it", batch_id)
                 runner.cancel()
                 return
-            held_until = loop.time() + self.lease_seconds
             if status == "cancelling":
                 on_cancel()  # cancelled through another replica
 

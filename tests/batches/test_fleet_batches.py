@@ -24,7 +24,7 @@ from proxy.batches.store_base import Line, new_id
 
 T0 = 1_800_000_000.0
 LINES = 12
-LEASE_SECONDS = 0.6
+LEASE_SECONDS = 2.0
 """Short, so a takeover happens within the test (production: 30 s)."""
 
 
@@ -127,7 +127,8 @@ async def test_two_replicas_one_batch_every_line_runs_once(dsn: str, upstream: U
             await r.store.close()
 
 
-async def test_a_dead_replicas_batch_is_taken_over_after_its_lease_and_resumed(dsn: str, upstream: Upstream) -> None:
+@pytest.mark.parametrize("death", ["killed", "cut off from the database"])
+async def test_a_dead_replicas_batch_is_taken_over_after_its_lease_and_resumed(dsn: str, upstream: Upstream, death: str) -> None:
     a, b = await replica(dsn, upstream), await replica(dsn, upstream)
     try:
         batch_id = await submit(a.store)
@@ -139,9 +140,12 @@ async def test_a_dead_replicas_batch_is_taken_over_after_its_lease_and_resumed(d
 
         await until(some_done, "four lines run by the first replica, the fifth in flight")
         done_by_a = 4
-        # ...and it dies: its connections drop and its tasks stop, the lease not released.
+        # ...and it dies: its connections drop, the lease is neither renewed nor released.
         a.store.pool.terminate()
-        await a.runner.close()
+        if death == "killed":
+            await a.runner.close()  # its tasks stop at once
+        else:
+            await a.runner.idle()  # it stops its lines itself at its next failed renewal
         # While the dead replica's lease lasts, nobody else runs the batch.
         assert batch_id not in await b.store.unfinished()
         upstream.answer()
