@@ -19,8 +19,7 @@ from proxy.batches.latency_guard import LatencyGuard
 from proxy.batches.metrics import BatchMetrics
 from proxy.batches.runner import BatchRunner
 from proxy.batches.sender import BatchIdentity, LineSender
-from proxy.batches.settings import BatchSettings
-from proxy.batches.settings import open_store
+from proxy.batches.settings import BatchSettings, open_store
 from proxy.batches.store_base import BatchStoreLike
 from proxy.header_guard import where
 from proxy.carbon.forecast import ForecastSource, ForecastWindow, forecast_of
