@@ -31,7 +31,7 @@ from proxy.receipts.fleet import replica_name
 log = logging.getLogger("carbon_proxy.batches")
 
 LEASE_SECONDS = 30.0
-DDL_LOCK = 0x62617463  # "batc": pg_advisory_xact_lock key, so replicas starting together do not race
+DDL_LOCK = 0x62617463  # "batc": advisory lock key: schema creation takes it alone, retention sweeps shared
 TIMEOUT_SECONDS = 60.0
 """One call's bound (a 100 MiB file goes through one)."""
 
@@ -97,7 +97,10 @@ class PgBatchStore:
         async with self._pool.acquire() as conn:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", DDL_LOCK)
-                await conn.execute(SCHEMA)
+                # Only when missing: CREATE INDEX takes a table lock even when the index
+                # exists, which would deadlock with another replica's retention sweep.
+                if await conn.fetchval("SELECT to_regclass('carbon_batch_results')") is None:
+                    await conn.execute(SCHEMA)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -299,6 +302,8 @@ class PgBatchStore:
         """Retention: finished batches (and every file they made or read) older than this."""
         async with self.pool.acquire() as conn:
             async with conn.transaction():
+                # Shared with other sweeps, exclusive with schema creation (see start).
+                await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", DDL_LOCK)
                 old = await conn.fetch(
                     "DELETE FROM carbon_batches WHERE ended_at < $1 RETURNING id, data->>'output_file_id', data->>'error_file_id'",
                     before_unix,
