@@ -159,6 +159,16 @@ class PgBatchStore:
                         "carbon_batch_lines", records=[(batch["id"], l.line_no, l.custom_id, l.body) for l in lines]
                     )
 
+    async def add_lines(self, batch: dict[str, Any], lines: list[Line]) -> None:
+        """A validated batch's lines and its new record (in_progress), together or not at all."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute(_SAVE, batch["id"], orjson.dumps(batch).decode(), None)  # a cancel meanwhile stands
+                if lines:
+                    await conn.copy_records_to_table(
+                        "carbon_batch_lines", records=[(batch["id"], l.line_no, l.custom_id, l.body) for l in lines]
+                    )
+
     async def batch(self, batch_id: str, owner: str | None = None) -> dict[str, Any] | None:
         data = await self.pool.fetchval(
             "SELECT data::text FROM carbon_batches WHERE id = $1 AND ($2::text IS NULL OR owner = $2)", batch_id, owner

@@ -115,6 +115,15 @@ async def test_one_result_per_line_the_first_kept(store: BatchStoreLike) -> None
     assert await store.pending_lines(batch["id"]) == [] and await store.results(batch["id"]) == []
 
 
+async def test_a_validated_batch_gets_its_lines_and_record_together(store: BatchStoreLike) -> None:
+    batch = a_batch(status="validating")
+    await store.add_batch(batch, "alice", "t", [])
+    lines = [Line(i, f"c{i}", b"{}") for i in range(3)]
+    await store.add_lines(dict(batch, status="in_progress"), lines)
+    assert (await store.batch(batch["id"]))["status"] == "in_progress"
+    assert await store.pending_lines(batch["id"]) == lines
+
+
 async def test_retention_drops_old_finished_batches_and_their_files(store: BatchStoreLike) -> None:
     out = StoredFile(new_id("file"), "alice", "batch_output", "out.jsonl", 1, 100)
     await store.add_file(out, b"x")
