@@ -126,9 +126,9 @@ class Service:
             self.tracer = install_tracing(self.proxy, settings)
 
     async def _install_batches(self) -> None:
-        from proxy.batches.settings import parse_batches
+        from proxy.batches.settings import parse_batches, with_fleet
 
-        settings = parse_batches(self.config.batches, self.config.receipts.path)
+        settings = with_fleet(parse_batches(self.config.batches, self.config.receipts.path), self.config.receipts)
         if settings.enabled:
             from proxy.batches.service import BatchService
 

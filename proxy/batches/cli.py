@@ -1,4 +1,5 @@
-"""`carbon-proxy batches`: the batches in the store, with what each one avoided."""
+"""`carbon-proxy batches`: the batches in the store (SQLite, or the fleet's PostgreSQL when
+[receipts] backend = "postgres"), with what each one avoided."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from proxy.batches.settings import parse_batches
-from proxy.batches.store import BatchStore
+from proxy.batches.settings import BatchSettings, open_store, parse_batches, with_fleet
 from proxy.config import load_config
 from proxy.errors import ConfigError
 
@@ -19,21 +19,24 @@ from proxy.errors import ConfigError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="the proxy's TOML config: its [batches].path (else beside [receipts].path)")
     parser.add_argument("--db", help="the batch database (default: from --config, else batches.db)")
+    parser.add_argument("--dsn", help="the fleet's PostgreSQL (default with --config: its [receipts] dsn when backend = postgres)")
     parser.add_argument("--format", default="table", choices=("table", "json"), help="output format (default table)")
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    path = args.db
-    if path is None and args.config:
+    path, dsn = args.db, getattr(args, "dsn", None)
+    if path is None and dsn is None and args.config:
         config = load_config(args.config)
-        path = parse_batches(config.batches, config.receipts.path).path
-    path = path or "batches.db"
-    if path == ":memory:":
-        raise ConfigError("batches.path", "':memory:' keeps no batches to list; give --db PATH")
-    if not Path(str(path)).exists():
-        raise ConfigError("--db", f"no batch database at {path!r}")
-    batches = asyncio.run(_read(str(path)))
+        settings = with_fleet(parse_batches(config.batches, config.receipts.path), config.receipts)
+        path, dsn = settings.path, settings.dsn
+    if dsn is None:
+        path = path or "batches.db"
+        if path == ":memory:":
+            raise ConfigError("batches.path", "':memory:' keeps no batches to list; give --db PATH")
+        if not Path(str(path)).exists():
+            raise ConfigError("--db", f"no batch database at {path!r}")
+    batches = asyncio.run(_read(BatchSettings(path=path, dsn=dsn)))
     if args.format == "json":
         json.dump(batches, out, indent=2)
         out.write("\n")
@@ -55,8 +58,8 @@ def _grams(value: Any) -> str:
     return f"{value:>11.4f}" if isinstance(value, (int, float)) else f"{'-':>11}"
 
 
-async def _read(path: str) -> list[dict[str, Any]]:
-    store = BatchStore(path)
+async def _read(settings: BatchSettings) -> list[dict[str, Any]]:
+    store = open_store(settings)
     await store.start()
     try:
         return await store.all_batches()

@@ -22,7 +22,7 @@ from proxy.batches.lines import ENDPOINTS
 from proxy.batches.multipart import MultipartError, parse_form
 from proxy.batches.runner import BatchRunner
 from proxy.batches.settings import BatchSettings
-from proxy.batches.store import BatchStore, StoredFile, new_id
+from proxy.batches.store_base import BatchStoreLike, StoredFile, new_id
 from proxy.header_guard import RateLimitedLog, where
 from proxy.local import LocalEndpoint, LocalRequest, LocalResponse, error_response, json_response
 
@@ -37,7 +37,7 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 class BatchApi:
     def __init__(
-        self, store: BatchStore, runner: BatchRunner, settings: BatchSettings, clock: Clock, intensity_now: Callable[[], float]
+        self, store: BatchStoreLike, runner: BatchRunner, settings: BatchSettings, clock: Clock, intensity_now: Callable[[], float]
     ) -> None:
         self.store = store
         self.runner = runner

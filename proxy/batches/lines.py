@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from proxy.batches.store import Line
+from proxy.batches.store_base import Line
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_REPORTED_ERRORS = 100

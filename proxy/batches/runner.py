@@ -23,7 +23,7 @@ from proxy.batches.lines import Parsed, parse_input
 from proxy.batches.scheduler import plan
 from proxy.batches.sender import Answer, LineSender
 from proxy.batches.settings import BatchSettings
-from proxy.batches.store import BatchStore, Line, Result, StoredFile, new_id
+from proxy.batches.store_base import BatchStoreLike, Line, Result, StoredFile, new_id
 from proxy.carbon.forecast import ForecastWindow
 from proxy.header_guard import where
 
@@ -43,7 +43,7 @@ SETTLE_WAIT_SECONDS = 5.0
 class BatchRunner:
     def __init__(
         self,
-        store: BatchStore,
+        store: BatchStoreLike,
         settings: BatchSettings,
         sender: LineSender,
         forecast: Forecast,
@@ -125,7 +125,10 @@ class BatchRunner:
 
     async def _drive(self, batch_id: str) -> None:
         try:
-            await self._run(batch_id)
+            # In a fleet, only the replica holding the batch's lease runs its lines.
+            async with self.store.lease(batch_id, self._wake[batch_id].set) as held:
+                if held:
+                    await self._run(batch_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug or a dead store: the batch resumes at the next start

@@ -19,8 +19,8 @@ from proxy.batches.latency_guard import LatencyGuard
 from proxy.batches.metrics import BatchMetrics
 from proxy.batches.runner import BatchRunner
 from proxy.batches.sender import BatchIdentity, LineSender
-from proxy.batches.settings import BatchSettings
-from proxy.batches.store import BatchStore
+from proxy.batches.settings import BatchSettings, open_store
+from proxy.batches.store_base import BatchStoreLike
 from proxy.header_guard import where
 from proxy.carbon.forecast import ForecastSource, ForecastWindow, forecast_of
 
@@ -37,7 +37,8 @@ class BatchService:
         self.clock: Clock = clock or WallClock()
         self._forecast_source = forecast
         self.identity = BatchIdentity()
-        self.store = BatchStore(settings.path or ":memory:")
+        self.store: BatchStoreLike = open_store(settings)
+        self._takeover: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.guard = (
             LatencyGuard(
@@ -104,6 +105,18 @@ class BatchService:
         self.runner.sender = LineSender(self.identity, _loopback(host), port)
         await self.runner.start()
         self._sweeper = asyncio.create_task(self._sweep())
+        if self.store.shared:
+            self._takeover = asyncio.create_task(self._take_over())
+
+    async def _take_over(self) -> None:
+        """In a fleet: run batches that no replica holds (new through another replica whose
+        lease lapsed, or whose replica died: they resume from their results)."""
+        while True:
+            await asyncio.sleep(float(getattr(self.store, "lease_seconds", 30.0)) / 2)
+            try:
+                await self.runner.start()
+            except Exception as exc:  # the database is down: try again at the next round
+                log.warning("batch takeover check failed (%s)", where(exc))
 
     async def _sweep(self) -> None:
         while True:
@@ -114,9 +127,10 @@ class BatchService:
             await asyncio.sleep(RETENTION_SWEEP_SECONDS)
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for task in (self._sweeper, self._takeover):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.runner.close()
         await self.store.close()
 

@@ -40,6 +40,8 @@ class BatchSettings:
     so the p95 over a longer stretch lands a few points above the objective."""
     interactive_latency_window_seconds: float = 2.0
     """How often the objective is judged (on the requests that ended in the window)."""
+    dsn: str | None = None
+    """The fleet's PostgreSQL (from [receipts] backend = "postgres"): batches live there, not in `path`."""
 
     @property
     def latency_guarded(self) -> bool:
@@ -102,3 +104,25 @@ def parse_batches(table: Any, receipts_path: str = "carbon-proxy.db") -> BatchSe
 
 def _positive(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def with_fleet(settings: BatchSettings, receipts: Any) -> BatchSettings:
+    """Batches go to the fleet's PostgreSQL when the receipts do (`receipts`: ReceiptsConfig)."""
+    if getattr(receipts, "backend", "sqlite") != "postgres":
+        return settings
+    from dataclasses import replace
+
+    from proxy.receipts.backend import resolve_dsn
+
+    return replace(settings, dsn=resolve_dsn(receipts.dsn, receipts.dsn_env))
+
+
+def open_store(settings: BatchSettings) -> Any:
+    """The store the settings name (a BatchStoreLike, not started): PostgreSQL or SQLite."""
+    if settings.dsn is not None:
+        from proxy.batches.pg_store import PgBatchStore
+
+        return PgBatchStore(settings.dsn)
+    from proxy.batches.store import BatchStore
+
+    return BatchStore(settings.path or ":memory:")

@@ -9,13 +9,16 @@ result is kept, so no line is ever written twice into an output file.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import sqlite3
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 import orjson
+
+from proxy.batches.store_base import Line, Result, StoredFile, new_id
+
+__all__ = ["BatchStore", "Line", "Result", "StoredFile", "new_id"]
 
 T = TypeVar("T")
 
@@ -41,53 +44,10 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
-
-
-@dataclass(frozen=True, slots=True)
-class StoredFile:
-    id: str
-    owner: str
-    purpose: str
-    filename: str
-    bytes: int
-    created_at: int
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "file",
-            "bytes": self.bytes,
-            "created_at": self.created_at,
-            "filename": self.filename,
-            "purpose": self.purpose,
-            "status": "processed",
-            "status_details": None,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Line:
-    line_no: int
-    custom_id: str
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    line_no: int
-    ok: bool
-    record: bytes
-    """One JSONL line of the output (ok) or error file, without its newline."""
-    ran_at: float
-    grams: float
-    counterfactual_grams: float
-    """What the line would have emitted at the intensity of the batch's submission."""
-    receipt_id: str | None = None
-
-
 class BatchStore:
+    shared = False
+    """One process owns the file: no other replica runs its batches."""
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
@@ -252,6 +212,10 @@ class BatchStore:
 
     async def unfinished(self) -> list[str]:
         return await self._run(lambda db: [r[0] for r in db.execute("SELECT id FROM batches WHERE ended_at IS NULL ORDER BY created_at")])
+
+    @asynccontextmanager
+    async def lease(self, batch_id: str, on_cancel: Callable[[], None]) -> AsyncIterator[bool]:
+        yield True  # this process is the only runner; a cancel reaches it directly
 
     # -- lines and results ---------------------------------------------------------------
 

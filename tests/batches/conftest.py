@@ -15,6 +15,7 @@ from helpers import proxy_config
 
 from proxy.batches.clock import ManualClock
 from proxy.batches.fake_forecast import ScriptedGrid
+from proxy.build import build_receipts
 from proxy.config import config_from_dict
 from proxy.meters.sim import SimMeter
 from proxy.receipts.model import MemoryReceiptStore
@@ -66,9 +67,14 @@ async def rig(tmp_path: Any) -> AsyncIterator[Rig]:
     grid = ScriptedGrid(clock, TRACE)
     services: list[Service] = []
 
-    async def start(scripted: bool = True, **batches: Any) -> Service:
+    async def start(scripted: bool = True, receipts: dict[str, Any] | None = None, **batches: Any) -> Service:
+        """`receipts`: a [receipts] table (e.g. the fleet backend), its store built as `serve` does."""
         data = proxy_config(sim.url, batches={"path": str(tmp_path / "batches.db"), **batches})
-        service = Service(config_from_dict(data), meter=SimMeter(gpu), intensity=grid, receipts=MemoryReceiptStore())
+        if receipts is not None:
+            data["receipts"] = receipts
+        config = config_from_dict(data)
+        store = build_receipts(config) if receipts is not None else MemoryReceiptStore()
+        service = Service(config, meter=SimMeter(gpu), intensity=grid, receipts=store)
         if scripted:
             service.batch_clock, service.batch_forecast = clock, grid
         await service.start()
@@ -123,3 +129,8 @@ async def checked(client: openai.AsyncOpenAI, batch_id: str) -> Any:
 
     await until(done, "the input file's check")
     return found[0]
+
+
+# The fleet tests' throwaway PostgreSQL (skips, or fails under CI, exactly where they do).
+from fleet.conftest import cluster, dsn  # noqa: E402,F401
+
