@@ -11,8 +11,8 @@ by (batch, line) and the first one is kept, so even a line run twice (by a repli
 lost its lease mid-line) appears once in the output file. Times of leases are the
 database's clock, so replicas' clocks need not agree.
 
-File contents are `bytea` (at most `[batches] max_file_bytes`, 100 MiB by default, under
-PostgreSQL's 1 GiB limit of one value).
+File contents are `bytea` (at most `[batches] max_file_bytes`, 100 MiB by default; with
+this store the setting must stay under MAX_FILE_BYTES, PostgreSQL's limit of one value).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
@@ -31,6 +32,8 @@ from proxy.receipts.fleet import replica_name
 log = logging.getLogger("carbon_proxy.batches")
 
 LEASE_SECONDS = 30.0
+MAX_FILE_BYTES = 1024 * 1024 * 1024 - 1
+"""PostgreSQL stores one value (a file's bytea) of less than 1 GiB."""
 DDL_LOCK = 0x62617463  # "batc": advisory lock key: schema creation takes it alone, retention sweeps shared
 TIMEOUT_SECONDS = 60.0
 """One call's bound (a 100 MiB file goes through one)."""
@@ -59,15 +62,18 @@ CREATE TABLE IF NOT EXISTS carbon_batch_results (
 """
 _FILE_COLUMNS = "id, owner, purpose, filename, bytes, created_at"
 _RESULT_COLUMNS = "batch_id, line_no, ok, record, ran_at, grams, counterfactual_grams, receipt_id, replica"
-# A cancel written by one replica survives the runner's own writes on another (each
-# replica serialises its writes to a batch only among its own tasks): the running
-# statuses never overwrite "cancelling".
+# Each replica serialises its writes to a batch only among its own tasks, so a write
+# may carry a record read before another replica's: a cancel written by one replica
+# survives the runner's own writes on another (the running statuses never overwrite
+# "cancelling"), and an ended batch is never reopened by a write that does not end it
+# (a cancel read just before the runner ended the batch would otherwise put it back to
+# "cancelling" with its output file gone from the record, its results already forgotten).
 _SAVE = """
 UPDATE carbon_batches SET ended_at = COALESCE($3, ended_at), data = CASE
     WHEN data->>'status' = 'cancelling' AND $2::jsonb->>'status' IN ('validating', 'in_progress')
     THEN $2::jsonb || jsonb_build_object('status', 'cancelling', 'cancelling_at', data->'cancelling_at')
     ELSE $2::jsonb END
-WHERE id = $1
+WHERE id = $1 AND (ended_at IS NULL OR $3::float8 IS NOT NULL)
 """
 _CLAIM = """
 UPDATE carbon_batches SET lease_owner = $2, lease_until = now() + make_interval(secs => $3)
@@ -93,7 +99,10 @@ class PgBatchStore:
     async def start(self) -> None:
         import asyncpg
 
-        self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=4, command_timeout=TIMEOUT_SECONDS)
+        extra: dict[str, Any] = {}
+        if "target_session_attrs" not in self._dsn:
+            extra["target_session_attrs"] = "read-write"  # as the receipts: never a standby of a multi-host DSN
+        self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=4, command_timeout=TIMEOUT_SECONDS, **extra)
         async with self._pool.acquire() as conn:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", DDL_LOCK)
@@ -116,10 +125,17 @@ class PgBatchStore:
     # -- files ---------------------------------------------------------------------------
 
     async def add_file(self, file: StoredFile, content: bytes) -> None:
-        await self.pool.execute(
-            f"INSERT INTO carbon_batch_files ({_FILE_COLUMNS}, content) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        """A file of the same id and owner is replaced (a batch's output file, written
+        again by the replica that finalizes it after another died finalizing it)."""
+        status = await self.pool.execute(
+            f"INSERT INTO carbon_batch_files ({_FILE_COLUMNS}, content) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " ON CONFLICT (id) DO UPDATE SET purpose = excluded.purpose, filename = excluded.filename,"
+            " bytes = excluded.bytes, created_at = excluded.created_at, content = excluded.content"
+            " WHERE carbon_batch_files.owner = excluded.owner",
             file.id, file.owner, file.purpose, file.filename, file.bytes, file.created_at, content,
         )  # fmt: skip
+        if status.endswith(" 0"):
+            raise ValueError(f"file id {file.id!r} belongs to another owner")
 
     async def file(self, file_id: str, owner: str) -> StoredFile | None:
         row = await self.pool.fetchrow(f"SELECT {_FILE_COLUMNS} FROM carbon_batch_files WHERE id = $1 AND owner = $2", file_id, owner)
@@ -215,41 +231,54 @@ class PgBatchStore:
 
     @asynccontextmanager
     async def lease(self, batch_id: str, on_cancel: Callable[[], None]) -> AsyncIterator[bool]:
+        claimed_at = time.monotonic()  # before the claim is sent: the lease ends no earlier than this + lease_seconds
         if await self.pool.fetchval(_CLAIM, batch_id, self.replica, self.lease_seconds) is None:
             yield False  # another replica runs it (or it has ended)
             return
         runner = asyncio.current_task()
         assert runner is not None
-        keeper = asyncio.create_task(self._keep(batch_id, on_cancel, runner), name=f"lease {batch_id}")
+        keeper = asyncio.create_task(self._keep(batch_id, on_cancel, runner, claimed_at), name=f"lease {batch_id}")
         try:
             yield True
         finally:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
-            try:  # a clean stop hands the batch over at once; a crash leaves it to expire
-                await self.pool.execute(
+            try:  # a clean stop hands the batch over at once; a crash (or a quiet database) leaves it to expire
+                release = self.pool.execute(
                     "UPDATE carbon_batches SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2",
                     batch_id, self.replica,
                 )  # fmt: skip
+                await asyncio.wait_for(release, self.lease_seconds / 3)
             except Exception as exc:
                 log.warning("batch %s: lease not released (%s); it expires in %.0f s", batch_id, type(exc).__name__, self.lease_seconds)
 
-    async def _keep(self, batch_id: str, on_cancel: Callable[[], None], runner: asyncio.Task[Any]) -> None:
+    async def _keep(self, batch_id: str, on_cancel: Callable[[], None], runner: asyncio.Task[Any], held_since: float) -> None:
         """Renew the lease; stop the runner when it is lost (another replica may run the
-        batch) or cannot be renewed (the database is unreachable: no result could be
-        stored either, so lines sent now would only run again). The batch resumes where
+        batch) or cannot be renewed in time (the database is unreachable or slow: no
+        result could be stored either, so lines sent now would only run again). A renewal
+        waits at most until a margin before the lease it holds would end, by this
+        process's clock from before the claim or renewal was sent (the database sets the
+        end from when it ran the statement, later): so this replica has stopped before
+        another can take the batch, even when a renewal hangs. The batch resumes where
         the lease is next taken, here or on another replica, from its stored results."""
+        margin = self.lease_seconds / 6
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
+            sent = time.monotonic()
             try:
-                status = await self.pool.fetchval(_RENEW, batch_id, self.replica, self.lease_seconds)
+                status = await asyncio.wait_for(
+                    self.pool.fetchval(_RENEW, batch_id, self.replica, self.lease_seconds),
+                    max(0.0, held_since + self.lease_seconds - margin - sent),
+                )
             except Exception as exc:
                 log.warning("batch %s: lease renewal failed (%s); stopping its lines", batch_id, type(exc).__name__)
-                status = None
+                runner.cancel()
+                return
             if status is None:
                 log.warning("batch %s: lease not held; the replica that takes it next resumes it", batch_id)
                 runner.cancel()
                 return
+            held_since = sent
             if status == "cancelling":
                 on_cancel()  # cancelled through another replica
 

@@ -23,7 +23,7 @@ from proxy.batches.lines import Parsed, parse_input
 from proxy.batches.scheduler import plan
 from proxy.batches.sender import Answer, LineSender
 from proxy.batches.settings import BatchSettings
-from proxy.batches.store_base import BatchStoreLike, Line, Result, StoredFile, new_id
+from proxy.batches.store_base import BatchStoreLike, Line, Result, StoredFile, derived_id
 from proxy.carbon.forecast import ForecastWindow
 from proxy.header_guard import where
 
@@ -335,7 +335,8 @@ class BatchRunner:
         return settled
 
     async def _write_file(self, owner: str, filename: str, content: bytes) -> str:
-        file = StoredFile(new_id("file"), owner, "batch_output", filename, len(content), int(self.clock.now()))
+        # One id per batch and kind: finalizing again after a crash replaces the file.
+        file = StoredFile(derived_id("file", filename), owner, "batch_output", filename, len(content), int(self.clock.now()))
         await self.store.add_file(file, content)
         return file.id
 

@@ -86,12 +86,18 @@ class BatchStore:
     # -- files ---------------------------------------------------------------------------
 
     async def add_file(self, file: StoredFile, content: bytes) -> None:
-        await self._run(
+        """A file of the same id and owner is replaced (a batch's output file, written
+        again when the process that finalized it died before ending the batch)."""
+        written = await self._run(
             lambda db: db.execute(
-                "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET purpose = excluded.purpose,"
+                " filename = excluded.filename, bytes = excluded.bytes, created_at = excluded.created_at,"
+                " content = excluded.content WHERE files.owner = excluded.owner",
                 (file.id, file.owner, file.purpose, file.filename, file.bytes, file.created_at, content),
-            )
+            ).rowcount
         )
+        if written == 0:
+            raise ValueError(f"file id {file.id!r} belongs to another owner")
 
     async def file(self, file_id: str, owner: str) -> StoredFile | None:
         def get(db: sqlite3.Connection) -> StoredFile | None:
@@ -168,8 +174,9 @@ class BatchStore:
     async def save_batch(self, batch: dict[str, Any], ended_at: float | None = None) -> None:
         await self._run(
             lambda db: db.execute(
-                "UPDATE batches SET data = ?, ended_at = COALESCE(?, ended_at) WHERE id = ?",
-                (orjson.dumps(batch).decode(), ended_at, batch["id"]),
+                # An ended batch is only written by a save that ends it (as pg_store's _SAVE).
+                "UPDATE batches SET data = ?, ended_at = COALESCE(?, ended_at) WHERE id = ? AND (ended_at IS NULL OR ? IS NOT NULL)",
+                (orjson.dumps(batch).decode(), ended_at, batch["id"], ended_at),
             )
         )
 

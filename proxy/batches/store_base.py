@@ -7,6 +7,7 @@ contract tests. The records they keep are the plain classes below.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -15,6 +16,12 @@ from typing import Any, Callable, Protocol
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def derived_id(prefix: str, name: str) -> str:
+    """The same id each time for the same name: a batch's output file written again (its
+    finalizing interrupted by a crash, or a lost lease) replaces the first, never adds one."""
+    return f"{prefix}-{hashlib.sha256(name.encode()).hexdigest()[:24]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +74,10 @@ class BatchStoreLike(Protocol):
     async def close(self) -> None: ...
 
     # files: scoped to their owner (the credential hash); another owner sees None/False
-    async def add_file(self, file: StoredFile, content: bytes) -> None: ...
+    async def add_file(self, file: StoredFile, content: bytes) -> None:
+        """Replaces a file of the same id and owner; ValueError for another owner's id."""
+        ...
+
     async def file(self, file_id: str, owner: str) -> StoredFile | None: ...
     async def list_files(self, owner: str, purpose: str | None, after: str | None, limit: int) -> list[StoredFile]: ...
     async def file_content(self, file_id: str, owner: str) -> bytes | None: ...
@@ -81,7 +91,10 @@ class BatchStoreLike(Protocol):
 
     async def batch(self, batch_id: str, owner: str | None = None) -> dict[str, Any] | None: ...
     async def owner_of(self, batch_id: str) -> tuple[str, str] | None: ...
-    async def save_batch(self, batch: dict[str, Any], ended_at: float | None = None) -> None: ...
+    async def save_batch(self, batch: dict[str, Any], ended_at: float | None = None) -> None:
+        """Writes the record; once the batch has ended, only a save that ends it does."""
+        ...
+
     async def list_batches(self, owner: str, after: str | None, limit: int) -> list[dict[str, Any]]: ...
     async def all_batches(self) -> list[dict[str, Any]]: ...
     async def unfinished(self) -> list[str]:

@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import asyncpg
 import orjson
 import pytest
 from aiohttp import web
@@ -192,3 +193,76 @@ async def test_a_cancel_through_another_replica_stops_the_running_one(dsn: str, 
         for r in (a, b):
             await r.runner.close()
             await r.store.close()
+
+
+async def test_a_replica_whose_renewal_hangs_stops_before_its_lease_ends(dsn: str, upstream: Upstream) -> None:
+    """The database stops answering one replica (its renewal waits on a row lock, as behind
+    a network that drops packets): it stops its lines within its lease, so no two replicas
+    ever run the batch at once; the other then takes over and resumes."""
+    a, b = await replica(dsn, upstream), await replica(dsn, upstream)
+    blocker = await asyncpg.connect(dsn)
+    try:
+        batch_id = await submit(a.store)
+        upstream.hang_from = 3  # the first replica is mid-line when its database goes quiet
+        a.runner.submit(batch_id)
+        await until(lambda: _true(upstream.hanging), "two lines run, the third in flight")
+        blocking = blocker.transaction()
+        await blocking.start()
+        await blocker.execute("SELECT 1 FROM carbon_batches WHERE id = $1 FOR UPDATE", batch_id)  # renewals now wait
+        await until(lambda: _true(batch_id not in a.runner._tasks), "the replica to stop its lines (its renewal timed out)")
+        await blocking.rollback()  # the database answers again; the lease the replica held runs out
+        upstream.answer()
+
+        async def taken_over() -> bool:
+            for batch in await b.store.unfinished():
+                b.runner.submit(batch)
+            return (await b.store.batch(batch_id) or {}).get("status") == "completed"
+
+        await until(taken_over, "the second replica to take over and complete")
+        assert await output_ids(b.store, batch_id) == [f"req-{i}" for i in range(LINES)]
+        assert all(upstream.seen[f"q{i}"] == 1 for i in range(2))  # resumed, not restarted
+        assert max(upstream.seen.values()) <= 2  # only the line in flight ran again
+    finally:
+        await blocker.close()
+        for r in (a, b):
+            await r.runner.close()
+            await r.store.close()
+
+
+class DiesEndingBatches:
+    """A replica's store that dies (raises) when the runner ends a batch: after the output
+    file is written, before the batch record says so."""
+
+    def __init__(self, store: PgBatchStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def save_batch(self, batch: dict, ended_at: float | None = None) -> None:
+        if ended_at is not None:
+            raise ConnectionError("the replica died here")
+        await self._store.save_batch(batch, ended_at)
+
+
+async def test_a_batch_finalized_again_after_a_death_has_one_output_file(dsn: str, upstream: Upstream) -> None:
+    a, b = await replica(dsn, upstream), await replica(dsn, upstream)
+    try:
+        batch_id = await submit(a.store)
+        a.runner.store = DiesEndingBatches(a.store)  # type: ignore[assignment]
+        a.runner.submit(batch_id)
+        await a.runner.idle()  # it wrote the output file and died before ending the batch
+        assert (await b.store.batch(batch_id) or {}).get("status") == "finalizing"
+        assert [f.purpose for f in await b.store.list_files("alice", None, None, 10)] == ["batch_output"]
+        b.runner.submit(batch_id)  # the lease was released (or ran out): the other replica finalizes
+        await b.runner.idle()
+        assert await output_ids(b.store, batch_id) == [f"req-{i}" for i in range(LINES)]
+        files = await b.store.list_files("alice", None, None, 10)
+        done = await b.store.batch(batch_id)
+        assert done is not None and [f.id for f in files] == [done["output_file_id"]]  # one, not an orphan beside it
+        assert upstream.seen == Counter({f"q{i}": 1 for i in range(LINES)})
+    finally:
+        for r in (a, b):
+            await r.runner.close()
+            await r.store.close()
+

@@ -145,3 +145,29 @@ async def test_the_sole_store_always_holds_the_lease(tmp_path: Any) -> None:
             assert held and not store.shared
     finally:
         await store.close()
+
+
+async def test_an_ended_batch_is_not_reopened_by_a_stale_save(store: BatchStoreLike) -> None:
+    """In a fleet a cancel may be read on one replica just before another ends the batch:
+    its save must not put the ended batch back to cancelling (its results are forgotten)."""
+    batch = a_batch()
+    await store.add_batch(batch, "alice", "t", [Line(0, "c0", b"{}")])
+    stale = await store.batch(batch["id"])
+    assert stale is not None
+    await store.save_batch(dict(batch, status="completed", output_file_id="file-out"), ended_at=2000.0)
+    await store.save_batch(dict(stale, status="cancelling", cancelling_at=1999))
+    now = await store.batch(batch["id"])
+    assert now is not None and (now["status"], now["output_file_id"]) == ("completed", "file-out")
+    assert batch["id"] not in await store.unfinished()
+
+
+async def test_a_file_written_again_replaces_the_first(store: BatchStoreLike) -> None:
+    first = StoredFile("file-out", "alice", "batch_output", "b_output.jsonl", 3, 100)
+    await store.add_file(first, b"one")
+    again = StoredFile("file-out", "alice", "batch_output", "b_output.jsonl", 5, 200)
+    await store.add_file(again, b"again")
+    assert [f.id for f in await store.list_files("alice", None, None, 10)] == ["file-out"]
+    assert await store.file("file-out", "alice") == again and await store.file_content("file-out", "alice") == b"again"
+    with pytest.raises(ValueError):  # never someone else's file
+        await store.add_file(StoredFile("file-out", "mallory", "batch_output", "x", 1, 300), b"x")
+    assert await store.file_content("file-out", "alice") == b"again" and await store.file("file-out", "mallory") is None
