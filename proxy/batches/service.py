@@ -114,7 +114,9 @@ class BatchService:
         while True:
             await asyncio.sleep(float(getattr(self.store, "lease_seconds", 30.0)) / 2)
             try:
-                await self.runner.start()
+                # Only the unfinished ids (runner.start also reads every batch once, to learn).
+                for batch_id in await self.store.unfinished():
+                    self.runner.submit(batch_id)
             except Exception as exc:  # the database is down: try again at the next round
                 log.warning("batch takeover check failed (%s)", where(exc))
 

@@ -112,8 +112,12 @@ def with_fleet(settings: BatchSettings, receipts: Any) -> BatchSettings:
         return settings
     from dataclasses import replace
 
+    from proxy.batches.pg_store import MAX_FILE_BYTES
     from proxy.receipts.backend import resolve_dsn
 
+    if settings.max_file_bytes > MAX_FILE_BYTES:
+        message = f"at most {MAX_FILE_BYTES} with the fleet backend (a file is one PostgreSQL value), got {settings.max_file_bytes}"
+        raise ConfigError("batches.max_file_bytes", message)
     return replace(settings, dsn=resolve_dsn(receipts.dsn, receipts.dsn_env))
 
 

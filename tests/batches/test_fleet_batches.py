@@ -266,3 +266,15 @@ async def test_a_batch_finalized_again_after_a_death_has_one_output_file(dsn: st
             await r.runner.close()
             await r.store.close()
 
+
+def test_the_fleet_backend_bounds_the_file_size() -> None:
+    from proxy.batches.settings import parse_batches, with_fleet
+    from proxy.config import ReceiptsConfig
+    from proxy.errors import ConfigError
+
+    fleet = ReceiptsConfig(backend="postgres", dsn="postgresql://carbon@127.0.0.1/db")
+    assert with_fleet(parse_batches({}), fleet).dsn == "postgresql://carbon@127.0.0.1/db"
+    with pytest.raises(ConfigError) as error:
+        with_fleet(parse_batches({"max_file_bytes": 2 * 1024**3}), fleet)
+    assert error.value.key == "batches.max_file_bytes" and "PostgreSQL" in str(error.value)
+    assert with_fleet(parse_batches({"max_file_bytes": 2 * 1024**3}), ReceiptsConfig()).dsn is None  # SQLite: no such bound
