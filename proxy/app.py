@@ -17,6 +17,7 @@ from proxy.attribution.state import LearnedStateStore, StateKeeper
 from proxy.budgets import REMAINING_HEADER, build_budgets, format_grams
 from proxy.budgets.cost import requested_output_tokens
 from proxy.budgets.ledger import OPEN
+from proxy.carbon.embodied import resolve_device_model
 from proxy.carbon.intensity import IntensityProvider
 from proxy.config import Config, UpstreamConfig
 from proxy.dialects import dialect_for
@@ -97,22 +98,24 @@ class ProxyServer:
     async def start(self) -> None:
         await self.meter.start()
         devices = list(self.meter.device_ids())
+        facts = device_facts(self.meter)  # names and board limits from NVML or DCGM, where the meter has them
         groups: dict[str, list[str]] = {}
+        device_models: dict[str, str] = {}
         pricing: dict[str, GroupPricing] = {}
         for upstream in self.config.upstreams:
             name = group_name(upstream)
             members = list(upstream.devices) if upstream.devices else devices
             groups[name] = members
+            named = [f.name if (f := facts.get(d)) else None for d in members]
+            device_models[name] = resolve_device_model(upstream.device_model, self.config.carbon.get("device_model"), named)
             site = self.router.sites[upstream.name]
             pricing[name] = GroupPricing(
                 pue=upstream.pue if upstream.pue is not None else self.config.pue,
-                embodied_g_per_device_second=self._embodied_rate(upstream.device_model),
+                embodied_g_per_device_second=self._embodied_rate(device_models[name]),
                 devices=len(members),
                 intensity=site.intensity if site.own_intensity else None,
             )
         attribution = self.config.attribution
-        device_models = {group_name(u): u.device_model for u in self.config.upstreams}
-        facts = device_facts(self.meter)  # names and board limits from NVML or DCGM, where the meter has them
         priors = {n: p for n, m in groups.items() if (p := prior_from_devices(device_models[n], [facts.get(d) for d in m], self.meter.kind))}
 
         def engine_factory(weight_at: Callable[[float], float], on_final: Callable[[RequestUsage], None]) -> AttributionEngine:

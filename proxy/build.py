@@ -98,8 +98,12 @@ EMBODIED_KEYS = ("embodied", "lifetime_years", "server_kg", "gpus_per_server", "
 
 
 def build_embodied_rates(config: Config) -> Callable[[str], float]:
-    """device model -> embodied gCO2e per device-second (0 when [carbon].embodied = false)."""
-    from proxy.carbon.embodied import EmbodiedModel
+    """device model -> embodied gCO2e per device-second (0 when [carbon].embodied = false).
+
+    The models configured (`[carbon] device_model`, each upstream's) are checked here, so
+    a typo fails at start; a model resolved later from the meter's device names is one
+    the table knows (proxy.carbon.embodied.resolve_device_model)."""
+    from proxy.carbon.embodied import DEVICES, EmbodiedModel, find_device
 
     carbon = config.carbon
     enabled = carbon.get("embodied", True)
@@ -107,10 +111,26 @@ def build_embodied_rates(config: Config) -> Callable[[str], float]:
         raise ConfigError("carbon.embodied", f"expected true or false, got {enabled!r}")
     options = {k: carbon[k] for k in ("lifetime_years", "server_kg", "gpus_per_server", "device_kg") if k in carbon}
     rates: dict[str, float] = {}
-    for upstream in config.upstreams:
-        model = EmbodiedModel(upstream.device_model, **options)  # validates each device model up front
-        rates[upstream.device_model] = model.grams_per_device_second if enabled else 0.0
-    return lambda device_model: rates.get(device_model, 0.0)
+
+    def rate(device_model: str) -> float:
+        if device_model not in rates:
+            model = EmbodiedModel(device_model, **options)
+            rates[device_model] = model.grams_per_device_second if enabled else 0.0
+        return rates[device_model]
+
+    rate("H100")  # checks the [carbon] options
+    default = carbon.get("device_model")
+    if default is not None:
+        if not isinstance(default, str):
+            raise ConfigError("carbon.device_model", f"expected a string such as 'H100', got {default!r}")
+        rate(default)
+    for i, upstream in enumerate(config.upstreams):
+        if upstream.device_model is not None and "device_kg" not in carbon and find_device(upstream.device_model) is None:
+            raise ConfigError(
+                f"upstreams[{i}].device_model",
+                f"no embodied figure for {upstream.device_model!r}; known: {', '.join(DEVICES)}; or set carbon.device_kg",
+            )
+    return rate
 
 
 def build_receipts(config: Config) -> ReceiptStore:

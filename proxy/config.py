@@ -78,7 +78,9 @@ class UpstreamConfig:
     devices: tuple[str, ...] = ()
     """Meter device ids this server runs on; empty means all devices of the meter."""
     pue: float | None = None
-    device_model: str = "H100"
+    device_model: str | None = None
+    """For embodied carbon and the attribution prior; None: `[carbon] device_model`, else
+    the model the meter names for these devices, else H100 (proxy.carbon.embodied)."""
     timeouts: Timeouts = Timeouts()
     place: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     """Where it runs: `zone`, `intensity`, `[upstreams.carbon]` (proxy.routing.place reads them)."""
@@ -249,8 +251,8 @@ def _upstream(key: str, table: dict[str, Any], default_timeouts: Timeouts) -> Up
     if "timeouts" in table:
         merged = {**_timeouts_as_dict(default_timeouts), **_table(f"{key}.timeouts", table["timeouts"])}
         timeouts = _timeouts(f"{key}.timeouts", merged)
-    device_model = table.get("device_model", "H100")
-    if not isinstance(device_model, str):
+    device_model = table.get("device_model")
+    if device_model is not None and not isinstance(device_model, str):
         raise ConfigError(f"{key}.device_model", f"expected a string such as 'H100', got {device_model!r}")
     return UpstreamConfig(
         name=name,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Iterable
 
 from proxy.errors import ConfigError
 
@@ -76,6 +77,20 @@ def find_device(name: str) -> DeviceFootprint | None:
         if token in DEVICES:
             return DEVICES[token]
     return None
+
+
+def resolve_device_model(configured: str | None, carbon_default: str | None, meter_names: Iterable[str | None]) -> str:
+    """The device model of one upstream: its own `device_model`, else `[carbon]
+    device_model`, else the model the meter names (NVML's name, DCGM's modelName) when
+    every device names the same one the table knows, else H100 (the most deployed)."""
+    if configured:
+        return configured
+    if carbon_default:
+        return carbon_default
+    found = {d.model if (d := find_device(name)) else None for name in meter_names if name}
+    if len(found) == 1 and None not in found:
+        return next(iter(found))
+    return "H100"
 
 
 def _positive(value: object, key: str, *, allow_zero: bool = False) -> float:

@@ -14,7 +14,6 @@ from typing import Any, Callable, Mapping
 import aiohttp
 
 from proxy.carbon.credentials import load_secret
-from proxy.carbon.embodied import DEFAULT_GPUS_PER_SERVER, DEFAULT_LIFETIME_YEARS, DEFAULT_SERVER_KG, EmbodiedModel
 from proxy.carbon.intensity import ConstantIntensity, IntensityProvider
 from proxy.carbon.providers.carbonaware import CarbonAwareSdkProvider
 from proxy.carbon.providers.electricitymaps import ElectricityMapsProvider
@@ -213,23 +212,3 @@ def _require(carbon: Mapping[str, Any], name: str, what: str) -> str:
         provider = carbon.get("provider")
         raise ConfigError(_key(name), f"provider = {provider!r} needs {name} = {what}")
     return value
-
-
-def build_embodied_model(carbon: Mapping[str, Any] | None, *, device_name: str | None = None) -> EmbodiedModel | None:
-    """The embodied model `[carbon]` asks for, or None when `embodied = false`.
-
-    `device_name` is what the meter reports (e.g. NVML's "NVIDIA H100 80GB HBM3"), used
-    when `device_model` is not configured. On by default: SCI counts embodied carbon.
-    """
-    carbon = carbon or {}
-    if not _bool(carbon, "embodied", True):
-        return None
-    device_model = _str(carbon, "device_model") or device_name or "H100"
-    gpus = carbon.get("gpus_per_server", DEFAULT_GPUS_PER_SERVER)
-    return EmbodiedModel(
-        device_model,
-        lifetime_years=carbon.get("lifetime_years", DEFAULT_LIFETIME_YEARS),
-        server_kg=carbon.get("server_kg", DEFAULT_SERVER_KG),
-        gpus_per_server=gpus,
-        device_kg=carbon.get("device_kg"),
-    )

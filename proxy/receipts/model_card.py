@@ -73,7 +73,8 @@ def hardware(config: Config | None, upstreams: list[str]) -> str:
     described = []
     for upstream in config.upstreams:
         if upstream.name in upstreams:
-            devices = f"{len(upstream.devices)} x {upstream.device_model}" if upstream.devices else f"{upstream.device_model} (all metered devices)"
+            model = upstream.device_model or config.carbon.get("device_model") or "the model the meter names"
+            devices = f"{len(upstream.devices)} x {model}" if upstream.devices else f"{model} (all metered devices)"
             described.append(f"{devices} (upstream `{upstream.name}`)")
     return "; ".join(described) or "n/a"
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
-from proxy.carbon.embodied import EmbodiedModel
-from proxy.carbon.factory import build_embodied_model, build_intensity_provider, parse_intensity_flag
+from proxy.build import build_embodied_rates
+from proxy.carbon.embodied import EmbodiedModel, resolve_device_model
+from proxy.carbon.factory import build_intensity_provider, parse_intensity_flag
 from proxy.carbon.intensity import ConstantIntensity
 from proxy.carbon.providers import CarbonAwareSdkProvider, ElectricityMapsProvider, UkGridProvider, WattTimeProvider
 from proxy.carbon.table import TableIntensity
+from proxy.config import config_from_dict
 from proxy.errors import ConfigError
 
 ENV = {"ELECTRICITYMAPS_TOKEN": "tok", "WATTTIME_USER": "u", "WATTTIME_PASSWORD": "p", "MY_TOKEN": "t"}
@@ -109,20 +111,36 @@ def test_intensity_flag() -> None:
         assert info.value.key == "--intensity"
 
 
-def test_embodied_model_from_config() -> None:
-    assert build_embodied_model({"embodied": False}) is None
-    model = build_embodied_model({})
-    assert isinstance(model, EmbodiedModel) and model.device_model == "H100"
-    assert build_embodied_model({}, device_name="NVIDIA L40S").device_model == "L40S"
-    custom = build_embodied_model({"device_model": "MI300X", "device_kg": 200, "lifetime_years": 5})
-    assert custom.kg_per_device == 200 + 2500 / 8
-    for carbon, key in [
-        ({"device_model": "MI300X"}, "carbon.device_model"),
-        ({"lifetime_years": 0}, "carbon.lifetime_years"),
-        ({"gpus_per_server": 0}, "carbon.gpus_per_server"),
-        ({"server_kg": -1}, "carbon.server_kg"),
-        ({"embodied": "on"}, "carbon.embodied"),
+def _rates(carbon: dict[str, Any], **upstream: Any) -> Callable[[str], float]:
+    config = config_from_dict({"upstreams": [{"name": "u", "url": "http://127.0.0.1:1", **upstream}], "carbon": {"intensity": 400, **carbon}})
+    return build_embodied_rates(config)
+
+
+def test_embodied_rates_from_config() -> None:
+    per_second = EmbodiedModel("H100").grams_per_device_second
+    assert _rates({})("H100") == per_second > 0
+    assert _rates({"embodied": False})("H100") == 0.0
+    assert _rates({})("A100") == EmbodiedModel("A100").grams_per_device_second != per_second
+    custom = _rates({"device_model": "MI300X", "device_kg": 200, "lifetime_years": 5})
+    assert custom("MI300X") == EmbodiedModel("MI300X", device_kg=200, lifetime_years=5).grams_per_device_second
+    for carbon, upstream, key in [
+        ({"device_model": "MI300X"}, {}, "carbon.device_model"),
+        ({}, {"device_model": "MI300X"}, "upstreams[0].device_model"),
+        ({"lifetime_years": 0}, {}, "carbon.lifetime_years"),
+        ({"gpus_per_server": 0}, {}, "carbon.gpus_per_server"),
+        ({"server_kg": -1}, {}, "carbon.server_kg"),
+        ({"embodied": "on"}, {}, "carbon.embodied"),
     ]:
         with pytest.raises(ConfigError) as info:
-            build_embodied_model(carbon)
+            _rates(carbon, **upstream)
         assert info.value.key == key
+
+
+def test_device_model_precedence() -> None:
+    # The upstream's own model, then [carbon]'s, then what the meter names, then H100.
+    assert resolve_device_model("A100", "L4", ["NVIDIA H100 80GB HBM3"]) == "A100"
+    assert resolve_device_model(None, "L4", ["NVIDIA H100 80GB HBM3"]) == "L4"
+    assert resolve_device_model(None, None, ["NVIDIA L40S", "NVIDIA L40S"]) == "L40S"
+    assert resolve_device_model(None, None, ["NVIDIA L40S", "NVIDIA A100-SXM4-80GB"]) == "H100"  # mixed: no one name
+    assert resolve_device_model(None, None, ["NVIDIA GeForce RTX 4090"]) == "H100"  # not in the table
+    assert resolve_device_model(None, None, [None]) == "H100"

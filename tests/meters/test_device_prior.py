@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from proxy.carbon.embodied import EmbodiedModel
 from proxy.meters.nvml import NvmlMeter
 from proxy.sim import SimGpu, SimModelConfig, run_sim_server
 from tests.helpers import start_proxy
@@ -24,6 +25,9 @@ async def test_nvml_names_and_limits_reach_the_attribution_prior(install_nvml: C
             assert engine.group_devices(group) == ("0", "1")
             assert engine.idle_power_watts(group) == 2 * 55.0  # A100 idle until idle time is seen
             assert engine._groups[group].model.peak_watts == 2 * (300.0 - 55.0)
+            # Embodied carbon follows the same name: an A100's footprint, not the default H100's.
+            pricing = service.proxy.accountant._pricing[group]  # type: ignore[union-attr]
+            assert pricing.embodied_g_per_device_second == EmbodiedModel("A100").grams_per_device_second
         finally:
             await service.stop()
     finally:
