@@ -35,8 +35,12 @@ LEASE_SECONDS = 30.0
 MAX_FILE_BYTES = 1024 * 1024 * 1024 - 1
 """PostgreSQL stores one value (a file's bytea) of less than 1 GiB."""
 DDL_LOCK = 0x62617463  # "batc": advisory lock key: schema creation takes it alone, retention sweeps shared
-TIMEOUT_SECONDS = 60.0
-"""One call's bound (a 100 MiB file goes through one)."""
+CALL_SECONDS = 10.0
+"""One call's bound: an unreachable or hung database answers the Batch API's clients with
+503 in this time (the endpoint's error), not after minutes."""
+BULK_SECONDS = 120.0
+"""A call that moves a file or a batch's lines (a 100 MiB file goes through one)."""
+CONNECT_SECONDS = 10.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS carbon_batch_files (
@@ -89,8 +93,11 @@ WHERE id = $1 AND lease_owner = $2 RETURNING data->>'status'
 class PgBatchStore:
     shared = True
 
-    def __init__(self, dsn: str, *, replica: str | None = None, lease_seconds: float = LEASE_SECONDS) -> None:
+    def __init__(
+        self, dsn: str, *, replica: str | None = None, lease_seconds: float = LEASE_SECONDS, call_seconds: float | None = None
+    ) -> None:
         self._dsn = dsn
+        self._call_seconds = CALL_SECONDS if call_seconds is None else call_seconds
         # host:pid plus a nonce: two stores in one process (tests) are two replicas
         self.replica = replica or f"{replica_name()}:{secrets.token_hex(3)}"
         self.lease_seconds = lease_seconds
@@ -102,8 +109,10 @@ class PgBatchStore:
         extra: dict[str, Any] = {}
         if "target_session_attrs" not in self._dsn:
             extra["target_session_attrs"] = "read-write"  # as the receipts: never a standby of a multi-host DSN
-        self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=4, command_timeout=TIMEOUT_SECONDS, **extra)
-        async with self._pool.acquire() as conn:
+        self._pool = await asyncpg.create_pool(
+            self._dsn, min_size=1, max_size=4, timeout=min(CONNECT_SECONDS, self._call_seconds), command_timeout=self._call_seconds, **extra
+        )
+        async with self._pool.acquire(timeout=self._call_seconds) as conn:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", DDL_LOCK)
                 # Only when missing: CREATE INDEX takes a table lock even when the index
@@ -132,7 +141,7 @@ class PgBatchStore:
             " ON CONFLICT (id) DO UPDATE SET purpose = excluded.purpose, filename = excluded.filename,"
             " bytes = excluded.bytes, created_at = excluded.created_at, content = excluded.content"
             " WHERE carbon_batch_files.owner = excluded.owner",
-            file.id, file.owner, file.purpose, file.filename, file.bytes, file.created_at, content,
+            file.id, file.owner, file.purpose, file.filename, file.bytes, file.created_at, content, timeout=BULK_SECONDS,
         )  # fmt: skip
         if status.endswith(" 0"):
             raise ValueError(f"file id {file.id!r} belongs to another owner")
@@ -154,7 +163,9 @@ class PgBatchStore:
         return [StoredFile(*row) for row in rows]
 
     async def file_content(self, file_id: str, owner: str) -> bytes | None:
-        content = await self.pool.fetchval("SELECT content FROM carbon_batch_files WHERE id = $1 AND owner = $2", file_id, owner)
+        content = await self.pool.fetchval(
+            "SELECT content FROM carbon_batch_files WHERE id = $1 AND owner = $2", file_id, owner, timeout=BULK_SECONDS
+        )
         return bytes(content) if content is not None else None
 
     async def delete_file(self, file_id: str, owner: str) -> bool:
@@ -164,7 +175,7 @@ class PgBatchStore:
     # -- batches -------------------------------------------------------------------------
 
     async def add_batch(self, batch: dict[str, Any], owner: str, tenant: str, lines: list[Line]) -> None:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self._call_seconds) as conn:
             async with conn.transaction():  # the batch and all its lines, or nothing
                 await conn.execute(
                     "INSERT INTO carbon_batches (id, owner, tenant, created_at, data) VALUES ($1, $2, $3, $4, $5::jsonb)",
@@ -172,17 +183,17 @@ class PgBatchStore:
                 )  # fmt: skip
                 if lines:
                     await conn.copy_records_to_table(
-                        "carbon_batch_lines", records=[(batch["id"], l.line_no, l.custom_id, l.body) for l in lines]
+                        "carbon_batch_lines", records=[(batch["id"], l.line_no, l.custom_id, l.body) for l in lines], timeout=BULK_SECONDS
                     )
 
     async def add_lines(self, batch: dict[str, Any], lines: list[Line]) -> None:
         """A validated batch's lines and its new record (in_progress), together or not at all."""
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self._call_seconds) as conn:
             async with conn.transaction():
                 await conn.execute(_SAVE, batch["id"], orjson.dumps(batch).decode(), None)  # a cancel meanwhile stands
                 if lines:
                     await conn.copy_records_to_table(
-                        "carbon_batch_lines", records=[(batch["id"], l.line_no, l.custom_id, l.body) for l in lines]
+                        "carbon_batch_lines", records=[(batch["id"], l.line_no, l.custom_id, l.body) for l in lines], timeout=BULK_SECONDS
                     )
 
     async def batch(self, batch_id: str, owner: str | None = None) -> dict[str, Any] | None:
@@ -289,8 +300,8 @@ class PgBatchStore:
             "SELECT l.line_no, l.custom_id, l.body FROM carbon_batch_lines l LEFT JOIN carbon_batch_results r"
             " ON r.batch_id = l.batch_id AND r.line_no = l.line_no WHERE l.batch_id = $1 AND r.line_no IS NULL"
             " ORDER BY l.line_no",
-            batch_id,
-        )
+            batch_id, timeout=BULK_SECONDS,
+        )  # fmt: skip
         return [Line(r[0], r[1], bytes(r[2])) for r in rows]
 
     def _row(self, batch_id: str, r: Result) -> tuple[object, ...]:
@@ -309,8 +320,8 @@ class PgBatchStore:
         await self.pool.executemany(
             f"INSERT INTO carbon_batch_results ({_RESULT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
             " ON CONFLICT DO NOTHING",
-            [self._row(batch_id, r) for r in results],
-        )
+            [self._row(batch_id, r) for r in results], timeout=BULK_SECONDS,
+        )  # fmt: skip
 
     async def count_results(self, batch_id: str) -> tuple[int, int]:
         rows = await self.pool.fetch("SELECT ok, COUNT(*) FROM carbon_batch_results WHERE batch_id = $1 GROUP BY ok", batch_id)
@@ -321,8 +332,8 @@ class PgBatchStore:
         rows = await self.pool.fetch(
             "SELECT line_no, ok, record, ran_at, grams, counterfactual_grams, receipt_id FROM carbon_batch_results"
             " WHERE batch_id = $1 ORDER BY line_no",
-            batch_id,
-        )
+            batch_id, timeout=BULK_SECONDS,
+        )  # fmt: skip
         return [Result(r[0], bool(r[1]), bytes(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
 
     async def update_grams(self, batch_id: str, line_no: int, grams: float, counterfactual_grams: float) -> None:
@@ -332,14 +343,14 @@ class PgBatchStore:
         )  # fmt: skip
 
     async def forget_lines(self, batch_id: str) -> None:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self._call_seconds) as conn:
             async with conn.transaction():
                 await conn.execute("DELETE FROM carbon_batch_lines WHERE batch_id = $1", batch_id)
                 await conn.execute("DELETE FROM carbon_batch_results WHERE batch_id = $1", batch_id)
 
     async def expire(self, before_unix: float) -> int:
         """Retention: finished batches (and every file they made or read) older than this."""
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self._call_seconds) as conn:
             async with conn.transaction():
                 # Shared with other sweeps, exclusive with schema creation (see start).
                 await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", DDL_LOCK)
