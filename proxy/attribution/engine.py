@@ -324,7 +324,8 @@ class AttributionEngine:
             return [group.prefill_weight * w[0] for w in works], [w[1] for w in works], True
         fastest = group.pace.pace().fastest_decode_seconds_per_token
         around = group.step_ends.around(interval.t0, interval.t1)
-        prices = step_prices(model.prices, interval.t0, interval.t1, around, fastest, rates)
+        per_token = group.prefill_steps.seconds_per_token()
+        prices = step_prices(model.prices, interval.t0, interval.t1, around, fastest, rates, per_token)
         interval.prices = prices
         prompts = [prices.joules(prompt, 0.0, 0.0, 0.0) for prompt, _, _, _ in works]
         decodes = [prices.joules(0.0, output, context, decoding) for _, output, context, decoding in works]

@@ -195,7 +195,8 @@ class EndOfResponse:
             rates = Rates(*(total / duration for total in totals))
             around = group.step_ends.around(interval.t0, interval.t1)
             fastest = group.pace.pace().fastest_decode_seconds_per_token
-            interval.prices = step_prices(model.prices, interval.t0, interval.t1, around, fastest, rates)  # as engine._priced
+            per_token = group.prefill_steps.seconds_per_token()
+            interval.prices = step_prices(model.prices, interval.t0, interval.t1, around, fastest, rates, per_token)  # as engine._priced
             ledger.priced_with = model.fit
             ledger.priced_at = totals
         prices = interval.prices
