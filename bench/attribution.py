@@ -324,10 +324,20 @@ class CaseResult:
     conservation: float = 0.0
 
 
-def run_case(physics: str, counter: str, seed: int, warmup: int, count: int) -> CaseResult:
-    """Learning traffic, an idle gap, scored traffic; half the requests stream. A warm
-    engine replays all of it; restarted engines (with and without the state the warm
-    one had at the gap) replay the scored part only."""
+@dataclass(frozen=True, slots=True)
+class Simulated:
+    """One world's traffic run through the sim: what the proxy sees and the truth."""
+
+    world: World
+    run: VirtualRun
+    gap_at: float
+    """When the scored traffic starts (after the idle gap where the proxy restarts)."""
+    streaming: dict[str, bool]
+    """Per request: whether it streams (a coin, half of them)."""
+
+
+def simulate(physics: str, counter: str, seed: int, warmup: int, count: int) -> Simulated:
+    """Learning traffic, an idle gap, scored traffic, in the world the seed draws."""
     world = make_world(physics, counter, seed)
     first = make_requests(warmup, seed)
     gap_at = (first[-1].arrival_seconds if first else 0.0) + GAP_SECONDS + 20.0
@@ -343,6 +353,15 @@ def run_case(physics: str, counter: str, seed: int, warmup: int, count: int) -> 
     )  # fmt: skip
     rng = random.Random(seed)
     streaming = {t.request_id: rng.random() < 0.5 for t in run.traces}
+    return Simulated(world, run, gap_at, streaming)
+
+
+def run_case(physics: str, counter: str, seed: int, warmup: int, count: int) -> CaseResult:
+    """Learning traffic, an idle gap, scored traffic; half the requests stream. A warm
+    engine replays all of it; restarted engines (with and without the state the warm
+    one had at the gap) replay the scored part only."""
+    simulated = simulate(physics, counter, seed, warmup, count)
+    world, run, gap_at, streaming = simulated.world, simulated.run, simulated.gap_at, simulated.streaming
     streamed = streaming.__getitem__
     warm = replay_engine(run, streamed, world.gpu.device_ids)
     restart_at = gap_at - GAP_SECONDS

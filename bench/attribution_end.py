@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -26,11 +25,11 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from attribution import GAP_SECONDS, REFRESH_SECONDS, RESTART_WINDOW_SECONDS, make_requests, make_world, percentile  # noqa: E402
+from attribution import GAP_SECONDS, RESTART_WINDOW_SECONDS, percentile, replay_engine, simulate  # noqa: E402
 
 from proxy.attribution import AttributionEngine  # noqa: E402
 from proxy.meters.base import EnergySample  # noqa: E402
-from proxy.sim import SimModelConfig, VirtualRequest, VirtualRun, run_virtual  # noqa: E402
+from proxy.sim import VirtualRun  # noqa: E402
 from proxy.sim.physics import PHYSICS_NAMES  # noqa: E402
 
 PARTS = ("end", "settled", "estimate", "tail", "end if estimate exact", "end if tail exact")
@@ -107,24 +106,10 @@ def replay_parts(run: VirtualRun, streamed, device_ids, *, since: float = -math.
 
 
 def run(physics: str, counter: str, seed: int, warmup: int, count: int, restart: bool) -> dict[str, list[float]]:
-    world = make_world(physics, counter, seed)
-    first = make_requests(warmup, seed)
-    gap_at = (first[-1].arrival_seconds if first else 0.0) + GAP_SECONDS + 20.0
-    second = [
-        VirtualRequest(f"r{warmup + i}", r.arrival_seconds + gap_at, r.prompt_tokens, r.output_tokens)
-        for i, r in enumerate(make_requests(count, seed + 1000, start_seconds=0.0))
-    ]
-    sample = world.counter_spec.refresh_seconds / 2 if world.counter_spec is not None else REFRESH_SECONDS
-    virtual = run_virtual(
-        first + second, SimModelConfig(), world.gpu, world.clock, sample_interval_seconds=min(sample, REFRESH_SECONDS),
-        counter=world.counter_spec, counter_seed=seed, tail_seconds=3.0,
-    )  # fmt: skip
-    rng = random.Random(seed)
-    streaming = {t.request_id: rng.random() < 0.5 for t in virtual.traces}
+    simulated = simulate(physics, counter, seed, warmup, count)
+    world, virtual, gap_at, streaming = simulated.world, simulated.run, simulated.gap_at, simulated.streaming
     if restart:
         restart_at = gap_at - GAP_SECONDS
-        from attribution import replay_engine
-
         first_only = VirtualRun([t for t in virtual.traces if t.finished_seconds < restart_at],
                                 [s for s in virtual.samples if s[0] < restart_at], 0.0, 0.0)  # fmt: skip
         state = replay_engine(first_only, streaming.__getitem__, world.gpu.device_ids).state
