@@ -117,6 +117,13 @@ class AttributionEngine:
             )
         group.open.pop(usage, None)
         group.closed_since_sample.append(usage)
+        if not usage.streaming and usage.prefill_done_at is None:
+            # Its prefill was done some n steps before its end. Said now, not at the next
+            # sample: where progress was behind, its prompt moves into the intervals it
+            # was processed in before its end-of-response figure is read (else that
+            # figure missed the part of its prompt progress had not reached).
+            fastest = group.pace.pace().fastest_decode_seconds_per_token or DEFAULT_FASTEST_DECODE_SECONDS_PER_TOKEN
+            group.prefill.done_by(usage, max(usage.opened_at, usage.closed_at - (output_tokens or 0) * fastest))
         for interval in usage.pending:
             assert isinstance(interval, _Interval)
             self._end.reprice(group, interval, usage)
