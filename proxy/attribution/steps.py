@@ -16,8 +16,9 @@ step it belongs to (one token per sequence per step) and prompt work follows the
 step's extra length; each piece is priced at its own rates, and the interval's price
 per unit of each kind is the average over the pieces, weighted by where that kind of
 work was. With a separable (additive) cost function the prices do not depend on the
-rates, so this changes nothing there; with no stream decoding, the interval's mean
-rates are used as before.
+rates, so this changes nothing there. With no stream decoding, no step end is seen:
+the steps are inferred from what streams taught earlier (a decode-only step's length,
+the seconds a prompt token adds to a step), see unseen_step_rates.
 """
 
 from __future__ import annotations

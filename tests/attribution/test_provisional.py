@@ -134,3 +134,29 @@ def test_end_figure_counts_an_open_neighbour_as_decoding_at_the_batchs_rate() ->
     meter.read(0.8)
     assert prompted.final and decoding.final and blind.final
     assert at_end == pytest.approx(prompted.energy_joules, rel=0.01)
+
+
+def test_end_figure_of_a_non_streamed_request_holds_all_of_its_prompt() -> None:
+    """A non-streamed request's prompt is placed by the group's prefill progress, which
+    here lags (the default pace, 5,000 tokens/s, for a 20,000-token prompt done in under
+    a second). It ends after 10 output tokens: its prefill was done before then, so the
+    end figure holds all of its prompt, as its receipt will."""
+    engine = AttributionEngine({"g": ["0"]}, idle_power_watts=IDLE_WATTS, prefill_weight=0.2)
+    meter = _Meter(engine)
+    stream = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=10)
+    blind = engine.open("g", 0.0, streaming=False, prompt_tokens_estimate=20000)
+    ticks = _stream_ticks(stream, 0.02, 1.4)
+    events = sorted([(t, "tick") for t in ticks] + [(STEP_SECONDS * k, "sample") for k in range(1, 15)])
+    at_end = None
+    for at, what in events:
+        if what == "tick":
+            stream.tick(1, at)
+        else:
+            meter.read(at)
+        if what == "sample" and math.isclose(at, 0.9):
+            engine.close(blind, 0.9, prompt_tokens=20000, output_tokens=10)
+            at_end = engine.provisional(blind, 0.9)[0]
+    engine.close(stream, 1.4, prompt_tokens=10, output_tokens=len(ticks))
+    meter.read(1.5)
+    assert blind.final and stream.final and at_end is not None
+    assert at_end == pytest.approx(blind.energy_joules, rel=0.01)

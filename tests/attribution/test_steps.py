@@ -8,7 +8,7 @@ import math
 import pytest
 
 from proxy.attribution.costmodel import Fit, Rates
-from proxy.attribution.steps import PrefillSteps, StepEnds, step_prices
+from proxy.attribution.steps import PrefillSteps, StepEnds, step_prices, unseen_step_rates
 
 DECODE_STEP_SECONDS = 0.02
 SECONDS_PER_PROMPT_TOKEN = 0.0002
@@ -94,3 +94,33 @@ def test_prompt_tokens_processed_are_read_from_the_steps_extra_length() -> None:
             for start, end, take in chunks
         )
         assert steps.processed_tokens(t0, t1) == pytest.approx(exact, rel=0.01, abs=0.5), (t0, t1)
+
+
+def test_where_no_stream_shows_the_steps_the_batch_makes_its_tokens_at_the_steps_pace() -> None:
+    # Only non-streamed sequences decode: no step end is seen, and their output, known
+    # in total, is counted at their lifetime's mean rate (mostly decode-only steps: 24
+    # tokens every 20 ms). While a long prompt prefills, every step carries a 512-token
+    # chunk and lasts 20 ms + 512 x 0.2 ms: the batch makes 24 tokens per such step.
+    batch = 24
+    chunk_step_seconds = DECODE_STEP_SECONDS + CHUNK_TOKENS * SECONDS_PER_PROMPT_TOKEN
+    counted = Rates(CHUNK_TOKENS / chunk_step_seconds, batch / DECODE_STEP_SECONDS, 0.0, batch)
+    rates = unseen_step_rates(counted, DECODE_STEP_SECONDS, SECONDS_PER_PROMPT_TOKEN)
+    assert rates.output_per_second == pytest.approx(batch / chunk_step_seconds, rel=1e-9)
+    assert rates.prompt_per_second == counted.prompt_per_second and rates.batch == batch
+    # Priced there, under a saturating curve, the prompt pays what its steps drew.
+    fit, e0, w, p_sat = _curve(1.5, 0.2, 400.0)
+    units = w * CHUNK_TOKENS + batch
+    step_watts = p_sat * -math.expm1(-e0 * units / chunk_step_seconds / p_sat)
+    prompt_truth = step_watts * chunk_step_seconds * w * CHUNK_TOKENS / units
+    around = StepEnds().around(0.0, 1.0)  # nothing seen
+    prices = step_prices(fit.prices, 0.0, 1.0, around, DECODE_STEP_SECONDS, counted, SECONDS_PER_PROMPT_TOKEN)
+    assert prices.prompt * CHUNK_TOKENS == pytest.approx(prompt_truth, rel=0.01)
+    assert fit.prices(counted).prompt * CHUNK_TOKENS < 0.8 * prompt_truth  # at the counted rate
+    # Nothing to correct without prompt work, or without knowing the steps; never more
+    # output than counted (a decode-only step at this batch may be longer than the shortest).
+    decode_only = Rates(0.0, batch / DECODE_STEP_SECONDS, 0.0, batch)
+    assert unseen_step_rates(decode_only, DECODE_STEP_SECONDS, SECONDS_PER_PROMPT_TOKEN) == decode_only
+    assert unseen_step_rates(counted, None, SECONDS_PER_PROMPT_TOKEN) == counted
+    assert unseen_step_rates(counted, DECODE_STEP_SECONDS, None) == counted
+    slow = Rates(100.0, 10.0, 0.0, batch)
+    assert unseen_step_rates(slow, DECODE_STEP_SECONDS, SECONDS_PER_PROMPT_TOKEN).output_per_second == 10.0
