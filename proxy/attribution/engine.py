@@ -372,7 +372,7 @@ class AttributionEngine:
             usage.dynamic_joules_final += share
             usage.weighted_joules += share * interval.weight
             group.totals.attributed_joules += share
-        if group.fixed_prefill_weight is None:
+        if group.fixed_prefill_weight is None and group.idle.known:
             group.model.observe(interval.t1 - interval.t0, interval.dynamic_joules, rates)
         return idle_joules
 

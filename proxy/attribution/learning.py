@@ -31,6 +31,12 @@ class IdlePowerLearner:
     def learned(self) -> bool:
         return self._fixed is None
 
+    @property
+    def known(self) -> bool:
+        """Whether the value in use is configured, learned or a prior, not the stand-in
+        (the lowest recent power: a stale counter read makes it 0 W)."""
+        return self._fixed is not None or self.prior_watts is not None or self._learned_watts() is not None
+
     def observe(self, joules: float, seconds: float) -> None:
         """Energy and length of an interval with nothing in flight."""
         if self._fixed is not None or seconds <= 0:
