@@ -150,3 +150,34 @@ def test_images_split_by_work_units_and_embeddings_do_not_decode() -> None:
     # Images by their work units; the embedding pays its prompt only.
     assert math.isclose(large.dynamic_joules_final, 4 * small.dynamic_joules_final)
     assert math.isclose(embedding.dynamic_joules_final, 100 * PROMPT_JOULES_PER_TOKEN)
+
+
+def test_costs_are_not_learned_from_power_before_idle_power_is_known() -> None:
+    # Traffic from the first reading: no idle stretch yet, so idle power is a stand-in
+    # (the lowest recent power; a stale read makes it 0 W) and every interval's energy
+    # would enter the cost fit as dynamic. Once a few idle seconds are seen, it learns.
+    engine = AttributionEngine({"g": ["0"]})
+    model = engine._groups["g"].model
+    joules, t = 0.0, 0.0
+    sample(engine, t, joules)
+    for i in range(40):  # 40 requests of 2 s back to back: 80 s busy at 300 W
+        usage = engine.open("g", t, streaming=True, prompt_tokens_estimate=100)
+        for _ in range(20):
+            t += 0.1
+            usage.tick(4, t)
+            joules += 0.0 if i % 7 == 0 else 30.0  # some stale reads
+            sample(engine, t, joules)
+        engine.close(usage, t, prompt_tokens=100, output_tokens=80)
+    assert model.blocks == 0 and not engine.costs_learned("g")
+    for _ in range(40):  # 4 s idle at 70 W
+        t += 0.1
+        joules += 7.0
+        sample(engine, t, joules)
+    for _ in range(100):  # 10 s busy: now the fit learns
+        usage = engine.open("g", t, streaming=True, prompt_tokens_estimate=100)
+        t += 0.1
+        usage.tick(4, t)
+        joules += 30.0
+        engine.close(usage, t, prompt_tokens=100, output_tokens=4)
+        sample(engine, t + 1e-6, joules)
+    assert model.blocks > 0
