@@ -172,6 +172,19 @@ def _prompt_nearly_free(theta: tuple[float, ...]) -> bool:
     return per_output > 0 and per_prompt < MIN_PROMPT_RATIO * per_output
 
 
+def prediction_error(subs: list[list[float]], predicted_watts: list[float]) -> float:
+    """Squared error x seconds of predicted against measured power, over groups of
+    ERROR_SUB_BLOCKS sub-blocks (each sub-block: seconds, joules, features)."""
+    error = 0.0
+    for k in range(0, len(subs), ERROR_SUB_BLOCKS):
+        part = subs[k : k + ERROR_SUB_BLOCKS]
+        seconds = math.fsum(sub[0] for sub in part)
+        measured = math.fsum(sub[1] for sub in part)
+        expected = math.fsum(p * sub[0] for sub, p in zip(part, predicted_watts[k : k + ERROR_SUB_BLOCKS]))
+        error += (measured - expected) ** 2 / seconds
+    return error
+
+
 def saturate(load: float, s: float) -> float:
     """g_s: s > 0 is L / (1 + L / s) (a soft knee); s < 0 is |s| (1 - exp(-L / |s|)) (a
     sharper one, as a power cap or a curve that flattens at the board limit)."""
@@ -283,13 +296,7 @@ class CostModel:
                 # One-step-ahead error on the newest block's half seconds: where prefill
                 # bursts meet a busy batch, saturation and a concave decode power part.
                 predicted = [saturate(sum(t * f / sub[0] for t, f in zip(candidate.theta, sub[2:])), s) for sub in newest]
-                error = 0.0
-                for k in range(0, len(newest), ERROR_SUB_BLOCKS):
-                    part = newest[k : k + ERROR_SUB_BLOCKS]
-                    measured = math.fsum(sub[1] for sub in part)
-                    expected = math.fsum(p * sub[0] for sub, p in zip(part, predicted[k : k + ERROR_SUB_BLOCKS]))
-                    error += (measured - expected) ** 2 / math.fsum(sub[0] for sub in part)
-                candidate.error = ERROR_FORGETTING * candidate.error + error
+                candidate.error = ERROR_FORGETTING * candidate.error + prediction_error(newest, predicted)
             loads = [unsaturate(max(0.0, sub[1] / sub[0]), s) for sub in window]
             y = math.fsum(load * sub[0] for load, sub in zip(loads, window)) / seconds
             # Weighted least squares in the unsaturated space: a watt of noise is 1 / g'

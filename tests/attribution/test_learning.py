@@ -10,7 +10,7 @@ from typing import Callable
 
 import pytest
 
-from proxy.attribution.costmodel import CostModel, Fit, Rates, nnls
+from proxy.attribution.costmodel import CostModel, Fit, Rates, nnls, prediction_error
 from proxy.attribution.learning import IdlePowerLearner
 from proxy.attribution.prefill import PrefillProgress, queued_prompt_in
 from proxy.attribution.split import split_priced
@@ -229,3 +229,22 @@ def test_idle_power_is_known_only_once_configured_learned_or_given_by_the_device
         learner.observe(70.0, 1.0)
     assert learner.known
     assert IdlePowerLearner(fixed_watts=70.0).known and IdlePowerLearner(prior_watts=65.0).known
+
+
+def test_candidates_are_compared_on_half_seconds_where_token_timing_is_noise() -> None:
+    # Steps of 33 ms stream their tokens: a 50 ms sub-block sees one or two steps' worth
+    # (40 or 80 tokens here), while the power of a saturated device is flat at 200 W.
+    # The right curve predicts the power of the tokens seen; a flat fit (a constant per
+    # sequence in the batch, what a separable candidate makes of saturation) predicts
+    # 200 W. Over half seconds the token counts even out and the curve is as good; at
+    # 50 ms the flat fit looked far better and was chosen.
+    subs, curve_watts, flat_watts = [], [], []
+    for i in range(100):  # one 5 s block of 50 ms sub-blocks
+        tokens = 80.0 if i % 2 == 0 else 40.0
+        rates = Rates(0.0, tokens / 0.05, 0.0, 20.0)
+        subs.append([0.05, 200.0 * 0.05, *(f * 0.05 for f in rates.features())])
+        # Power 200 W at the mean rate (1200 tokens/s); the curve's local slope there is
+        # 0.03 W per token/s.
+        curve_watts.append(200.0 + 0.03 * (rates.output_per_second - 1200.0))
+        flat_watts.append(200.0 + 1.0)  # a watt off
+    assert prediction_error(subs, curve_watts) < prediction_error(subs, flat_watts)
