@@ -5,10 +5,16 @@ max_energy_range_uj (minutes to hours at server power), NVML's mJ counter restar
 the driver reloads, and a Prometheus counter restarts with its exporter. `EnergyCounter`
 absorbs all of that once, so each meter only says what its raw unit and wrap point are.
 
-It also remembers *when* the raw value last changed. Sources that refresh slower than we
-poll (NVML's counter about every 100 ms, an exporter at its collection interval) return
-the same value for several reads; a meter reports `changed_at_seconds` as its sample time
-so that no interval of positive length appears to have used zero energy.
+It also estimates *when* the raw value last changed. Sources that refresh slower than we
+poll (NVML's counter every 20-100 ms, an exporter at its collection interval) return the
+same value for several reads; a meter reports `changed_at_seconds` as its sample time so
+that no interval of positive length appears to have used zero energy. The change happened
+between the last read that still saw the old value and the first that saw the new one:
+the midpoint is the estimate (a refresh's phase is uniform between two reads). Stamped at
+the later read instead, every interval was late by half a polling period on average,
+with jitter: energy drawn before a request started was shared with it. Where every read
+sees a change (the source refreshes faster than we poll, as RAPL does), the read's own
+time is the better estimate.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class EnergyCounter:
         "_total_units",
         "changed_at_seconds",
         "_previous_change",
+        "_last_read_seconds",
+        "_last_read_changed",
         "resets",
         "wraps",
     )
@@ -45,6 +53,8 @@ class EnergyCounter:
         self._total_units: float = 0
         self.changed_at_seconds: float | None = None
         self._previous_change: tuple[float, float] | None = None  # (seconds, joules)
+        self._last_read_seconds: float | None = None
+        self._last_read_changed = True
         self.resets = 0
         self.wraps = 0
 
@@ -55,10 +65,13 @@ class EnergyCounter:
     def update(self, raw: float, now_seconds: float) -> float:
         """Feed one raw reading taken at `now_seconds`; returns cumulative joules."""
         last = self._last_raw
+        last_read, last_changed = self._last_read_seconds, self._last_read_changed
+        self._last_read_seconds = now_seconds
         if last is None:
             self._last_raw = raw
             self.changed_at_seconds = now_seconds
             return 0.0
+        self._last_read_changed = raw != last
         if raw == last:
             return self.joules
         delta = raw - last
@@ -68,7 +81,10 @@ class EnergyCounter:
         self._previous_change = (self.changed_at_seconds, self.joules)
         self._total_units += delta
         self._last_raw = raw
-        self.changed_at_seconds = now_seconds
+        if last_changed or last_read is None or last_read >= now_seconds:
+            self.changed_at_seconds = now_seconds
+        else:
+            self.changed_at_seconds = max(self.changed_at_seconds, (last_read + now_seconds) / 2)
         return self.joules
 
     def _delta_across_rollover(self, last: float, raw: float) -> float:

@@ -5,8 +5,9 @@ depending on the GPU and driver, with jitter; the DCGM exporter that Kubernetes 
 scrape publishes it once a second. Each refresh's increment is off by a few percent
 (sensor accuracy: NVIDIA documents +/-5% on power readings), some refreshes are missed
 (the reader sees the previous value again: a stale read), and the proxy only learns the
-time of a change when it next polls, as proxy.meters.nvml does: the sample is stamped
-with the poll at which the new value was first seen.
+time of a change when it next polls: the sample is stamped as the real meters stamp it
+(proxy.meters.counters.EnergyCounter, the same code: between the last poll that saw the
+old value and the first that saw the new one).
 
 The noise is in the measurement only; the ground truth stays the SimGpu's exact energy,
 and the counter's long-run total stays unbiased (noise has mean zero).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from proxy.meters.counters import EnergyCounter
 from proxy.sim.gpu import SimGpu
 
 
@@ -66,8 +68,7 @@ class RealisticCounter:
         start = gpu.now()
         self._exact_at_refresh = gpu.energy_joules(start)
         self._shown_joules = self._exact_at_refresh
-        self._changed = True
-        self._stamp = start
+        self._stamper = EnergyCounter(1.0)  # what a meter makes of the shown value
         self.next_refresh_seconds = start + self._period()
 
     def _period(self) -> float:
@@ -85,12 +86,11 @@ class RealisticCounter:
         if spec.noise_fraction > 0:
             increment *= max(0.0, self._rng.gauss(1.0, spec.noise_fraction))
         self._shown_joules += increment
-        self._changed = True
 
     def read(self, now: float) -> tuple[float, dict[str, float]]:
-        """(stamp: the poll that first saw the current value, joules per device)."""
-        if self._changed:
-            self._stamp = now
-            self._changed = False
+        """(stamp: when the meter places the current value, joules per device)."""
+        self._stamper.update(self._shown_joules, now)
+        stamp = self._stamper.changed_at_seconds
+        assert stamp is not None
         per_device = self._shown_joules / len(self._gpu.device_ids)
-        return self._stamp, {device: per_device for device in self._gpu.device_ids}
+        return stamp, {device: per_device for device in self._gpu.device_ids}

@@ -102,6 +102,26 @@ async def test_refresh_lag_never_shows_a_positive_interval_with_zero_energy(
     await meter.close()
 
 
+async def test_a_refresh_is_placed_between_the_reads_around_it(install_nvml: Install, clock: FakeClock) -> None:
+    # The counter refreshes every 100 ms from the meter's first read; we poll every 30.7 ms
+    # (so that a read lands at every phase of the refresh period). A
+    # sample's time is the midpoint of the last read that saw the old value and the first
+    # that saw the new one: within half a poll of the refresh, and unbiased (stamped at the
+    # later read, every interval was late by half a poll on average).
+    install_nvml([FakeGpu(UUID_A, watts=250)])
+    meter = NvmlMeter(["0"], clock=clock)
+    started = clock.now_seconds
+    await meter.start()
+    period = 0.0307
+    samples = await poll(meter, clock, seconds=6.0, period=period)
+    stamps = sorted({s.timestamp_seconds for s in samples[1:]})
+    offsets = [stamp - (started + 0.1 * round((stamp - started) / 0.1)) for stamp in stamps]
+    assert len(offsets) >= 55
+    assert all(abs(offset) <= period / 2 + 1e-9 for offset in offsets)
+    assert abs(sum(offsets) / len(offsets)) < period / 8
+    await meter.close()
+
+
 async def test_counter_wraparound_keeps_counting_up(install_nvml: Install, clock: FakeClock) -> None:
     near_top = COUNTER_WRAP_MILLIJOULES - 40_000  # 40 J before the unsigned 64-bit counter rolls over
     fake = install_nvml([FakeGpu(UUID_A, watts=400, counter_start_millijoules=near_top)])
