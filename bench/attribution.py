@@ -6,7 +6,8 @@ by presence), in a family of physics whose parameters are drawn per seed from pu
 H100/A100 ranges: additive prefill + decode power, one saturating curve of total work,
 a hard power cap with throttling, and decode that costs more with context (KV reads).
 The counter is realistic (proxy.sim.counter): 20-100 ms refresh with jitter, a few
-percent noise, stale reads, stamped at the poll that saw the change; or the DCGM
+percent noise, stale reads, stamped as the meters stamp a change (proxy.meters.counters),
+read at the proxy's default `[meter] interval_ms`; or the DCGM
 exporter's 1 s (report only). The proxy only sees what crosses the wire (arrival,
 streamed tokens, end, final usage) and those readings; the real AttributionEngine runs
 on exactly that, in virtual time (fast on 2 shared cores).
@@ -35,6 +36,7 @@ import math
 import random
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
@@ -47,6 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from proxy.attribution import AttributionEngine  # noqa: E402
+from proxy.config import MeterConfig  # noqa: E402
 from proxy.meters.base import EnergySample  # noqa: E402
 from proxy.meters.sim import SimMeter  # noqa: E402
 from proxy.sim import SimGpu, SimModelConfig, VirtualClock, VirtualRequest, VirtualRun, run_virtual  # noqa: E402
@@ -57,6 +60,14 @@ NOISE_FRACTION = 0.05
 """Proxy mode: each change of work draws power off by a few percent (clocks, temperature)."""
 REFRESH_SECONDS = 0.1
 """Proxy mode and the exact counter: NVML's energy counter refreshes about every 100 ms."""
+POLL_SECONDS = {
+    "exact": MeterConfig().interval_ms / 1000,
+    "nvml-like": MeterConfig().interval_ms / 1000,
+    "dcgm-1s": tomllib.loads((ROOT / "deploy/kubernetes/overlays/dcgm/carbon-proxy.toml").read_text())["meter"]["interval_ms"] / 1000,
+}
+"""How often the proxy reads the counter: the default `[meter] interval_ms`, and what the
+DCGM overlay in deploy/ sets for the exporter (not half the counter's refresh: the proxy
+does not know it, so the bench may not either)."""
 IDLE_LEAD_SECONDS = 3.0
 """The server idles before traffic starts, as a freshly started one does (idle learning)."""
 GOALS = {True: (0.03, 0.10), False: (0.05, 0.15)}
@@ -345,10 +356,8 @@ def simulate(physics: str, counter: str, seed: int, warmup: int, count: int) -> 
         VirtualRequest(f"r{warmup + i}", r.arrival_seconds + gap_at, r.prompt_tokens, r.output_tokens)
         for i, r in enumerate(make_requests(count, seed + 1000, start_seconds=0.0))
     ]
-    sample = world.counter_spec.refresh_seconds / 2 if world.counter_spec is not None else REFRESH_SECONDS
-    sample = min(sample, REFRESH_SECONDS)
     run = run_virtual(
-        first + second, SimModelConfig(), world.gpu, world.clock, sample_interval_seconds=sample,
+        first + second, SimModelConfig(), world.gpu, world.clock, sample_interval_seconds=POLL_SECONDS[counter],
         counter=world.counter_spec, counter_seed=seed, tail_seconds=3.0,
     )  # fmt: skip
     rng = random.Random(seed)

@@ -89,7 +89,9 @@ class UpstreamConfig:
 @dataclass(frozen=True, slots=True)
 class MeterConfig:
     kind: str = "auto"
-    interval_ms: int = 100
+    interval_ms: int = 50
+    """How often the meter is read. A counter change is placed between the two reads around
+    it, so a read every 50 ms places an NVML refresh (every 20-100 ms) within 25 ms."""
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Every [meter.KIND] sub-table given, so `--meter KIND` finds its settings."""
 
@@ -325,7 +327,7 @@ def _meter(table: dict[str, Any]) -> MeterConfig:
         raise ConfigError("meter.kind", f"unknown meter {kind!r}; expected one of: {', '.join(METERS)}")
     allowed = {"kind", "interval_ms", *METERS}
     _check_keys("meter", table, allowed)
-    interval_ms = _number("meter.interval_ms", table.get("interval_ms", 100), minimum=10)
+    interval_ms = _number("meter.interval_ms", table.get("interval_ms", MeterConfig().interval_ms), minimum=10)
     tables = {name: dict(_table(f"meter.{name}", table[name])) for name in METERS if name in table}
     return MeterConfig(kind=kind, interval_ms=int(interval_ms), tables=tables)
 
