@@ -6,13 +6,13 @@ Source, per device, chosen once at start():
    `nvmlDeviceGetFieldValues`, else `nvmlDeviceGetPowerUsage` (mW; a 1 s average on
    Ampere and newer, so short bursts are smoothed), integrated by the trapezoid rule.
 
-Refresh lag (our choice, documented): the energy counter only moves about every 100 ms,
+Refresh lag (our choice, documented): the energy counter only moves every 20-100 ms,
 so reads between refreshes return the same value. The sample's timestamp is when a
-counter was last *seen to change* (the latest such time across the meter's devices), not
-when we read it. Consecutive reads inside one refresh period therefore return identical
+counter last changed (the latest such time across the meter's devices), estimated by
+proxy.meters.counters as the midpoint of the reads around the change, not when we read it. Consecutive reads inside one refresh period therefore return identical
 samples (zero duration, zero energy) instead of a positive duration with zero energy, and
 each reported interval spans real refreshes, so short requests get their share of the
-energy of the refresh window they ran in. The timestamp is late by at most one polling
+energy of the refresh window they ran in. The timestamp is off by at most half a polling
 period (the change happened between two of our reads).
 
 Output is joules since start(), never decreasing: a driver reload that restarts the
