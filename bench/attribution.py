@@ -218,6 +218,8 @@ class Replay:
     """The same figure with settle_ms = SETTLE_MS."""
     settle_waits: list[float] = field(default_factory=list)
     """Seconds each response's last bytes waited for it."""
+    static: dict[str, float] = field(default_factory=dict)
+    """The settled figure's static part (idle power by presence), per request."""
 
 
 def replay_engine(
@@ -293,7 +295,8 @@ def replay_engine(
     conservation = abs(sum(settled.values()) + totals.idle_joules - measured) / measured
     for rid, _ in holding:
         at_end_settled[rid] = at_end[rid]
-    return Replay(settled, at_end, conservation, engine.save_state(), at_end_settled, waits)
+    static = {rid: u.static_joules for rid, u in usages.items()}
+    return Replay(settled, at_end, conservation, engine.save_state(), at_end_settled, waits, static)
 
 
 @dataclass(frozen=True, slots=True)
