@@ -18,7 +18,6 @@ model is still converging; if the static part is off, idle power is.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 from pathlib import Path
@@ -28,28 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.attribution import GAP_SECONDS, REFRESH_SECONDS, RESTART_WINDOW_SECONDS, make_requests, make_world, replay_engine  # noqa: E402
-from proxy.sim import SimModelConfig, VirtualRequest, run_virtual  # noqa: E402
+from bench.attribution import RESTART_WINDOW_SECONDS, replay_engine, simulate  # noqa: E402
 
 WINDOWS = 4
 
 
 def diagnose(physics: str, counter: str, seed: int, warmup: int, count: int) -> list[str]:
     """The same world and traffic as bench/attribution.py's run_case; one line per kind."""
-    world = make_world(physics, counter, seed)
-    first = make_requests(warmup, seed)
-    gap_at = (first[-1].arrival_seconds if first else 0.0) + GAP_SECONDS + 20.0
-    second = [
-        VirtualRequest(f"r{warmup + i}", r.arrival_seconds + gap_at, r.prompt_tokens, r.output_tokens)
-        for i, r in enumerate(make_requests(count, seed + 1000, start_seconds=0.0))
-    ]
-    sample = world.counter_spec.refresh_seconds / 2 if world.counter_spec is not None else REFRESH_SECONDS
-    run = run_virtual(
-        first + second, SimModelConfig(), world.gpu, world.clock, sample_interval_seconds=min(sample, REFRESH_SECONDS),
-        counter=world.counter_spec, counter_seed=seed, tail_seconds=3.0,
-    )  # fmt: skip
-    rng = random.Random(seed)
-    streaming = {t.request_id: rng.random() < 0.5 for t in run.traces}
+    simulated = simulate(physics, counter, seed, warmup, count)
+    world, run, gap_at, streaming = simulated.world, simulated.run, simulated.gap_at, simulated.streaming
     warm = replay_engine(run, streaming.__getitem__, world.gpu.device_ids)
     idle_chunks = sorted(warm.state["gpu"]["idle_watts"]) if warm.state else []
     learned_idle = idle_chunks[len(idle_chunks) // 2] if idle_chunks else float("nan")
