@@ -29,7 +29,6 @@ from proxy.attribution.prior import GroupPrior
 from proxy.attribution.provisional import EndOfResponse
 from proxy.attribution.split import context_tokens, decode_work, known_work, overlap, presence_shares
 from proxy.attribution.split import split_dynamic, split_priced
-from proxy.attribution.steps import step_prices
 from proxy.attribution.usage import RequestUsage
 from proxy.meters.base import EnergySample
 
@@ -118,12 +117,10 @@ class AttributionEngine:
         group.open.pop(usage, None)
         group.closed_since_sample.append(usage)
         if not usage.streaming and usage.prefill_done_at is None:
-            # Its prefill was done some n steps before its end. Said now, not at the next
-            # sample: where progress was behind, its prompt moves into the intervals it
-            # was processed in before its end-of-response figure is read (else that
-            # figure missed the part of its prompt progress had not reached).
-            fastest = group.pace.pace().fastest_decode_seconds_per_token or DEFAULT_FASTEST_DECODE_SECONDS_PER_TOKEN
-            group.prefill.done_by(usage, max(usage.opened_at, usage.closed_at - (output_tokens or 0) * fastest))
+            # Said now, not at the next sample: where progress was behind, its prompt
+            # moves into the intervals it was processed in before its end-of-response
+            # figure is read (else that figure missed the part progress had not reached).
+            group.prefill.done_by(usage, self._prefill_done_before_end(group, usage))
         for interval in usage.pending:
             assert isinstance(interval, _Interval)
             self._end.reprice(group, interval, usage)
@@ -233,6 +230,15 @@ class AttributionEngine:
                 self._covered(group, usage, t1)
         group.closed_since_sample = waiting
 
+    @staticmethod
+    def _prefill_done_before_end(group: _Group, usage: RequestUsage) -> float:
+        """A closed request that made n output tokens was done prefilling some n steps
+        before its end (a stream with no token seen: by its end)."""
+        assert usage.closed_at is not None
+        fastest = group.pace.pace().fastest_decode_seconds_per_token or DEFAULT_FASTEST_DECODE_SECONDS_PER_TOKEN
+        decoded = 0.0 if usage.streaming else (usage.output_tokens or 0) * fastest
+        return max(usage.opened_at, usage.closed_at - decoded)
+
     def _prefill_progress(
         self, group: _Group, t0: float, t1: float, members: list[RequestUsage], binned: array, dynamic_joules: float
     ) -> ProgressSpan:
@@ -244,13 +250,10 @@ class AttributionEngine:
             if first is not None and t0 < first <= t1:
                 prefill.done_by(usage, first)
                 usage.prefill_done_at = first  # exact, even where progress passed it earlier
-        fastest = group.pace.pace().fastest_decode_seconds_per_token or DEFAULT_FASTEST_DECODE_SECONDS_PER_TOKEN
         for usage in group.closed_since_sample:
             end = usage.closed_at
             if end is not None and end <= t1 and usage.prefill_done_at is None:
-                # A request that made n output tokens was done prefilling some n steps before its end.
-                decoded = 0.0 if usage.streaming else (usage.output_tokens or 0) * fastest
-                prefill.done_by(usage, max(usage.opened_at, end - decoded))
+                prefill.done_by(usage, self._prefill_done_before_end(group, usage))
         model = group.model
         decoding_stream = any(u.streaming and u.first_token_at is not None and u.first_token_at < t1 for u in members)
         from_steps = group.prefill_steps.processed_tokens(t0, t1) if decoding_stream else None
@@ -329,11 +332,7 @@ class AttributionEngine:
         model = group.model
         if group.fixed_prefill_weight is not None or not model.ready:
             return [group.prefill_weight * w[0] for w in works], [w[1] for w in works], True
-        fastest = group.pace.pace().fastest_decode_seconds_per_token
-        around = group.step_ends.around(interval.t0, interval.t1)
-        per_token = group.prefill_steps.seconds_per_token()
-        prices = step_prices(model.prices, interval.t0, interval.t1, around, fastest, rates, per_token)
-        interval.prices = prices
+        prices = interval.prices = group.prices_over(interval.t0, interval.t1, rates)
         prompts = [prices.joules(prompt, 0.0, 0.0, 0.0) for prompt, _, _, _ in works]
         decodes = [prices.joules(0.0, output, context, decoding) for _, output, context, decoding in works]
         # Work that no learned term prices (an image's work units, output the model gives

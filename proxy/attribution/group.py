@@ -7,11 +7,11 @@ from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
-from proxy.attribution.costmodel import CostModel, Prices
+from proxy.attribution.costmodel import CostModel, Prices, Rates
 from proxy.attribution.learning import IdlePowerLearner
 from proxy.attribution.ledger import Ledger
 from proxy.attribution.prefill import PrefillProgress, ProgressSpan
-from proxy.attribution.steps import PrefillSteps, StepEnds
+from proxy.attribution.steps import PrefillSteps, StepEnds, step_prices
 from proxy.attribution.timing import PaceLearner
 from proxy.attribution.usage import RequestUsage
 
@@ -84,3 +84,10 @@ class Group:
 
     def __post_init__(self) -> None:
         self.prefill_steps = PrefillSteps(self.step_ends)
+
+    def prices_over(self, t0: float, t1: float, rates: Rates) -> Prices:
+        """The learned cost function's AS prices for [t0, t1], step by step where the
+        streams show the steps (steps.step_prices)."""
+        fastest = self.pace.pace().fastest_decode_seconds_per_token
+        around = self.step_ends.around(t0, t1)
+        return step_prices(self.model.prices, t0, t1, around, fastest, rates, self.prefill_steps.seconds_per_token())

@@ -20,7 +20,6 @@ from proxy.attribution.group import DEFAULT_DECODE_SECONDS_PER_TOKEN, Group, Int
 from proxy.attribution.ledger import Ledger, Row
 from proxy.attribution.prefill import ProgressSpan
 from proxy.attribution.split import context_tokens, known_work, presence_shares
-from proxy.attribution.steps import step_prices
 from proxy.attribution.timing import Pace
 from proxy.attribution.usage import RequestUsage
 
@@ -193,10 +192,7 @@ class EndOfResponse:
             # Learned since, or the work moved: the prices at the interval's rates now.
             duration = interval.t1 - interval.t0
             rates = Rates(*(total / duration for total in totals))
-            around = group.step_ends.around(interval.t0, interval.t1)
-            fastest = group.pace.pace().fastest_decode_seconds_per_token
-            per_token = group.prefill_steps.seconds_per_token()
-            interval.prices = step_prices(model.prices, interval.t0, interval.t1, around, fastest, rates, per_token)  # as engine._priced
+            interval.prices = group.prices_over(interval.t0, interval.t1, rates)
             ledger.priced_with = model.fit
             ledger.priced_at = totals
         prices = interval.prices
