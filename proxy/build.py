@@ -103,7 +103,7 @@ def build_embodied_rates(config: Config) -> Callable[[str], float]:
     The models configured (`[carbon] device_model`, each upstream's) are checked here, so
     a typo fails at start; a model resolved later from the meter's device names is one
     the table knows (proxy.carbon.embodied.resolve_device_model)."""
-    from proxy.carbon.embodied import DEVICES, EmbodiedModel, find_device
+    from proxy.carbon.embodied import EmbodiedModel, require_device
 
     carbon = config.carbon
     enabled = carbon.get("embodied", True)
@@ -125,11 +125,8 @@ def build_embodied_rates(config: Config) -> Callable[[str], float]:
             raise ConfigError("carbon.device_model", f"expected a string such as 'H100', got {default!r}")
         rate(default)
     for i, upstream in enumerate(config.upstreams):
-        if upstream.device_model is not None and "device_kg" not in carbon and find_device(upstream.device_model) is None:
-            raise ConfigError(
-                f"upstreams[{i}].device_model",
-                f"no embodied figure for {upstream.device_model!r}; known: {', '.join(DEVICES)}; or set carbon.device_kg",
-            )
+        if upstream.device_model is not None and "device_kg" not in carbon:
+            require_device(upstream.device_model, f"upstreams[{i}].device_model", "carbon.device_kg")
     return rate
 
 

@@ -79,6 +79,14 @@ def find_device(name: str) -> DeviceFootprint | None:
     return None
 
 
+def require_device(device_model: str, model_key: str, kg_key: str) -> DeviceFootprint:
+    """The table row for `device_model`, or a config error naming `model_key` and the way out."""
+    found = find_device(device_model)
+    if found is None:
+        raise ConfigError(model_key, f"no embodied figure for {device_model!r}; known: {', '.join(DEVICES)}; or set {kg_key}")
+    return found
+
+
 def resolve_device_model(configured: str | None, carbon_default: str | None, meter_names: Iterable[str | None]) -> str:
     """The device model of one upstream: its own `device_model`, else `[carbon]
     device_model`, else the model the meter names (NVML's name, DCGM's modelName) when
@@ -116,13 +124,7 @@ class EmbodiedModel:
         key_prefix: str = "carbon",
     ) -> None:
         if device_kg is None:
-            found = find_device(device_model)
-            if found is None:
-                raise ConfigError(
-                    f"{key_prefix}.device_model",
-                    f"no embodied figure for {device_model!r}; known: {', '.join(DEVICES)}; or set {key_prefix}.device_kg",
-                )
-            self.device = found
+            self.device = require_device(device_model, f"{key_prefix}.device_model", f"{key_prefix}.device_kg")
         else:
             kg = _positive(device_kg, f"{key_prefix}.device_kg", allow_zero=True)
             self.device = DeviceFootprint(device_model, kg, "configured", False)
