@@ -305,7 +305,7 @@ class AttributionEngine:
             rows.append(row)
             output_total += row[1]
             sequence_seconds += row[2]
-        streamed = [u.streaming for u in interval.members]
+        streamed = [u.streaming or u.token_ends is not None for u in interval.members]
         fallback_tokens_per_second = 1.0 / (pace.decode_seconds_per_token or DEFAULT_DECODE_SECONDS_PER_TOKEN)
         decodes = decode_work(rows, streamed, output_total, sequence_seconds, fallback_tokens_per_second)
         decoded = math.fsum(o for o, (_, _, d) in zip(decodes, rows) if d > 0)
@@ -378,6 +378,13 @@ class AttributionEngine:
     def _covered(self, group: _Group, usage: RequestUsage, t1: float) -> None:
         """A closed request the meter now covers: settle the intervals that waited only
         for it (each membership is visited once: O(1) amortized per interval member)."""
+        if not usage.streaming and usage.output_tokens and usage.work_units is None:
+            # Its tokens were made at the steps streams showed, not evenly over its life:
+            # while prompts prefill every step is slower, and an even spread put output
+            # there that the cost model then read as prompt work's (prompts priced 20-30%
+            # low under a saturating curve, bench seeds 6-10).
+            assert usage.closed_at is not None
+            usage.token_ends = group.step_ends.token_ends(usage.output_tokens, usage.opened_at, usage.closed_at)
         for interval in usage.pending:  # type: ignore[assignment]
             assert isinstance(interval, _Interval)
             interval.uncovered -= 1
@@ -393,6 +400,7 @@ class AttributionEngine:
         if usage.final or usage.closed_at is None or usage.pending_intervals or usage.closed_at > last_sample_t:
             return
         usage.final = True
+        usage.token_ends = None  # every interval it was in has settled
         usage.dynamic_joules_estimate = 0.0  # exactly zero, not a float residue
         usage.weighted_estimate = 0.0
         if self._on_final is not None:

@@ -12,7 +12,7 @@ measured = static (idle power x time) + dynamic.
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from typing import Sequence
 
 from proxy.attribution.prefill import queued_prompt_in
@@ -111,6 +111,10 @@ def known_work(
         # where progress passed it (or from the start).
         done = min(end, done if done is not None else usage.opened_at + usage.prefill_seconds)
         prompt_part = _spread(prompt, max(usage.opened_at, done - usage.prefill_seconds), done, t0, t1)
+    if usage.token_ends is not None:  # the steps showed when its tokens were made
+        ends = usage.token_ends
+        output = float(bisect_right(ends, t1) - bisect_right(ends, t0))
+        return prompt_part, units + output, overlap(ends[0], end, t0, t1)
     if done is None or usage.work_units is not None or (usage.closed_at is not None and not usage.output_tokens):
         return prompt_part, units, 0.0  # not decoding (yet): queued, an image, an embedding
     output = _spread(usage.output_tokens or 0, done, end, t0, t1) if usage.closed_at is not None else 0.0

@@ -63,6 +63,21 @@ class StepEnds:
             del ends[: len(ends) - KEEP_STEP_ENDS // 2]
         return added
 
+    def token_ends(self, count: int, start: float, end: float) -> list[float] | None:
+        """When a sequence that decoded until `end` made its `count` tokens: the last
+        `count` step ends up to `end` (every step makes one token per decoding sequence,
+        the last at its end). None where the steps are not all known: fewer ends than
+        tokens after `start`, or a gap longer than a step lasts (no stream was decoding)."""
+        ends = self._ends
+        j = bisect_right(ends, end + MIN_STEP_SECONDS)
+        i = j - count
+        if count <= 0 or i < 0 or ends[i] < start or end - ends[j - 1] > LONGEST_STEP_SECONDS:
+            return None
+        placed = ends[i:j]
+        if any(b - a > LONGEST_STEP_SECONDS for a, b in zip(placed, placed[1:])):
+            return None
+        return placed
+
     def around(self, t0: float, t1: float) -> tuple[float | None, list[float], float | None]:
         """(the last end at or before t0, the ends inside (t0, t1), the first end at or
         after t1); None where not known or too far to be the same step."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 
 @dataclass(slots=True, eq=False)
@@ -38,6 +39,9 @@ class RequestUsage:
     queue_from_tokens: float = 0.0
     queue_to_tokens: float = 0.0
     prefill_done_at: float | None = None
+    token_ends: Sequence[float] | None = field(default=None, repr=False)
+    """A non-streamed request's output token times, once the steps streams showed place
+    them (steps.py StepEnds.token_ends): one token per step, the last at its end."""
 
     # What the engine credited. Static shares are final when credited; dynamic shares
     # are estimates until every request in the interval is closed.

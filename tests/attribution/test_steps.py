@@ -124,3 +124,27 @@ def test_where_no_stream_shows_the_steps_the_batch_makes_its_tokens_at_the_steps
     assert unseen_step_rates(counted, DECODE_STEP_SECONDS, None) == counted
     slow = Rates(100.0, 10.0, 0.0, batch)
     assert unseen_step_rates(slow, DECODE_STEP_SECONDS, SECONDS_PER_PROMPT_TOKEN).output_per_second == 10.0
+
+
+def test_a_non_streamed_sequence_made_its_tokens_at_the_last_steps_streams_showed() -> None:
+    # Streams show every step's end: decode-only steps, and steps that carry a chunk
+    # (five times longer). A non-streamed sequence in the batch made one token per step,
+    # its last at its end; where steps went unseen (no stream decoding), its tokens are
+    # not placed.
+    chunk_seconds = DECODE_STEP_SECONDS + CHUNK_TOKENS * SECONDS_PER_PROMPT_TOKEN
+    times = [0.0]
+    for k in range(40):
+        times.append(times[-1] + (chunk_seconds if 10 <= k < 20 else DECODE_STEP_SECONDS))
+    ends = StepEnds()
+    ends.add(times)
+    # 25 tokens, arrived at 0.1, the last one at the 40th step's end.
+    placed = ends.token_ends(25, 0.1, times[-1])
+    assert placed == times[-25:]
+    # As many tokens as an even spread over its life would put in the chunk steps' span:
+    even = 25 * (times[20] - times[15]) / (times[-1] - times[15])
+    assert sum(1 for t in placed if times[15] < t <= times[20]) == 5 < even
+    assert ends.token_ends(25, times[-25] + 0.001, times[-1]) is None  # more tokens than steps since it arrived
+    silent = StepEnds()
+    silent.add(times[:30] + [t + 3.0 for t in times[30:]])  # three seconds with no stream decoding
+    assert silent.token_ends(25, 0.1, times[-1] + 3.0) is None
+    assert silent.token_ends(5, 0.1, times[-1] + 3.0) == [t + 3.0 for t in times[-5:]]
