@@ -298,10 +298,11 @@ class AttributionEngine:
         """Per member: (prompt tokens, output tokens, context tokens read, seconds in the
         decode batch) in the interval, from what is known now; and the interval's rates."""
         pace = group.pace.pace()
+        steps_by = group.step_ends.steps_by
         rows: list[tuple[float, float, float]] = []
         output_total = sequence_seconds = 0.0
         for usage, binned in zip(interval.members, interval.binned):
-            row = known_work(usage, interval.t0, interval.t1, binned, pace, (interval.progress.start, interval.progress.end))
+            row = known_work(usage, interval.t0, interval.t1, binned, pace, (interval.progress.start, interval.progress.end), steps_by)
             rows.append(row)
             output_total += row[1]
             sequence_seconds += row[2]

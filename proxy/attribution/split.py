@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from typing import Sequence
+from typing import Callable, Sequence
 
 from proxy.attribution.prefill import queued_prompt_in
 from proxy.attribution.timing import Pace
 from proxy.attribution.usage import RequestUsage
+
+StepCount = Callable[[float], "float | None"]
 
 
 def presence_shares(spans: Sequence[tuple[float, float]], t0: float, t1: float) -> tuple[list[float], float]:
@@ -73,12 +75,38 @@ def _spread(total: float, s0: float, s1: float, t0: float, t1: float) -> float:
     return total * overlap(s0, s1, t0, t1) / (s1 - s0)
 
 
+def stepped_output(usage: RequestUsage, first: float, last: float, t0: float, t1: float, steps_by: StepCount | None) -> float | None:
+    """A closed request's output work in [t0, t1] from the steps it decoded in: each
+    token is the work of the step that ended with it, spread over that step, so an
+    interval inside a long step (a chunk's) holds part of a token, not none, and the
+    next one not a whole one. None where the steps are not known."""
+    if steps_by is None or not usage.output_tokens:
+        return None
+    at_first, at_last = steps_by(first), steps_by(last)
+    if at_first is None or at_last is None or at_last <= at_first:
+        return None
+    lo, hi = max(t0, first), min(t1, last)
+    if hi <= lo:
+        return 0.0
+    at_lo, at_hi = steps_by(lo), steps_by(hi)
+    if at_lo is None or at_hi is None:
+        return None
+    return usage.output_tokens * (at_hi - at_lo) / (at_last - at_first)
+
+
 def known_work(
-    usage: RequestUsage, t0: float, t1: float, binned_output: float, pace: Pace, progress: tuple[float, float]
+    usage: RequestUsage,
+    t0: float,
+    t1: float,
+    binned_output: float,
+    pace: Pace,
+    progress: tuple[float, float],
+    steps_by: StepCount | None = None,
 ) -> tuple[float, float, float]:
     """(prompt tokens, output tokens + work units, seconds in the decode batch) of a
     request in [t0, t1], from what is known now (exact once it is closed). `progress` is
-    the group's prefill progress at t0 and t1 (prefill.py)."""
+    the group's prefill progress at t0 and t1 (prefill.py); `steps_by`: the steps the
+    server had done by a time (steps.StepEnds.steps_by)."""
     end = usage.closed_at if usage.closed_at is not None else t1
     prompt = usage.prompt_tokens if usage.prompt_tokens is not None else usage.prompt_tokens_estimate
     units = 0.0
@@ -96,6 +124,9 @@ def known_work(
         sampled = usage.sampled_output_tokens
         if usage.output_tokens is not None and sampled > 0:
             output *= usage.output_tokens / sampled  # chunks are not always one token each
+        if usage.closed_at is not None and usage.first_token_at is not None and usage.last_token_at is not None:
+            stepped = stepped_output(usage, usage.first_token_at, usage.last_token_at, t0, t1, steps_by)
+            output = output if stepped is None else stepped
         decoding = overlap(prefill_end, end, t0, t1) if usage.first_token_at is not None else 0.0
         return _spread(prompt, prefill_start, prefill_end, t0, t1), units + output, decoding
     # Not streamed: prefill where the group's progress passed its prompt, decode from
@@ -113,7 +144,8 @@ def known_work(
         prompt_part = _spread(prompt, max(usage.opened_at, done - usage.prefill_seconds), done, t0, t1)
     if usage.token_ends is not None:  # the steps showed when its tokens were made
         ends = usage.token_ends
-        output = float(bisect_right(ends, t1) - bisect_right(ends, t0))
+        stepped = stepped_output(usage, ends[0], ends[-1], t0, t1, steps_by)
+        output = float(bisect_right(ends, t1) - bisect_right(ends, t0)) if stepped is None else stepped
         return prompt_part, units + output, overlap(ends[0], end, t0, t1)
     if done is None or usage.work_units is not None or (usage.closed_at is not None and not usage.output_tokens):
         return prompt_part, units, 0.0  # not decoding (yet): queued, an image, an embedding

@@ -63,6 +63,19 @@ class StepEnds:
             del ends[: len(ends) - KEEP_STEP_ENDS // 2]
         return added
 
+    def steps_by(self, t: float) -> float | None:
+        """Steps the server had done by `t`, the one in progress counted by the part of
+        it gone (what a decoding sequence's work was by then). None where the step
+        around `t` is not known. Only differences of two counts taken together mean
+        anything (old ends are forgotten)."""
+        ends = self._ends
+        i = bisect_right(ends, t)
+        if i > 0 and t - ends[i - 1] <= MIN_STEP_SECONDS:
+            return float(i)
+        if i == 0 or i == len(ends) or ends[i] - ends[i - 1] > LONGEST_STEP_SECONDS:
+            return None
+        return i + (t - ends[i - 1]) / (ends[i] - ends[i - 1])
+
     def token_ends(self, count: int, start: float, end: float) -> list[float] | None:
         """When a sequence that decoded until `end` made its `count` tokens: the last
         `count` step ends up to `end` (every step makes one token per decoding sequence,

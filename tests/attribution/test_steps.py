@@ -8,7 +8,9 @@ import math
 import pytest
 
 from proxy.attribution.costmodel import Fit, Rates
+from proxy.attribution.split import stepped_output
 from proxy.attribution.steps import PrefillSteps, StepEnds, step_prices, unseen_step_rates
+from proxy.attribution.usage import RequestUsage
 
 DECODE_STEP_SECONDS = 0.02
 SECONDS_PER_PROMPT_TOKEN = 0.0002
@@ -148,3 +150,27 @@ def test_a_non_streamed_sequence_made_its_tokens_at_the_last_steps_streams_showe
     silent.add(times[:30] + [t + 3.0 for t in times[30:]])  # three seconds with no stream decoding
     assert silent.token_ends(25, 0.1, times[-1] + 3.0) is None
     assert silent.token_ends(5, 0.1, times[-1] + 3.0) == [t + 3.0 for t in times[-5:]]
+
+
+def test_a_token_is_the_work_of_the_step_that_ended_with_it() -> None:
+    # Decode steps of 20 ms, then three steps that carry 512-token chunks (122 ms each),
+    # read by a meter every 50 ms: some intervals hold no step end at all. Each token
+    # is spread over its step, so such an interval holds part of a token (the work the
+    # batch did in it) and the request's tokens add up exactly.
+    chunk_seconds = DECODE_STEP_SECONDS + CHUNK_TOKENS * SECONDS_PER_PROMPT_TOKEN
+    times = [0.0]
+    for k in range(30):
+        times.append(times[-1] + (chunk_seconds if 10 <= k < 13 else DECODE_STEP_SECONDS))
+    ends = StepEnds()
+    ends.add(times)
+    assert ends.steps_by(times[4]) - ends.steps_by(times[1]) == pytest.approx(3.0)
+    inside = (times[11] + 0.01, times[11] + 0.06)  # within one chunk step
+    assert ends.steps_by(inside[1]) - ends.steps_by(inside[0]) == pytest.approx(0.05 / chunk_seconds)
+    usage = RequestUsage("g", 0.0, streaming=True, closed_at=times[-1], first_token_at=times[0], last_token_at=times[-1])
+    usage.output_tokens = 30
+    cuts = [i * 0.05 for i in range(int(times[-1] / 0.05) + 2)]
+    parts = [stepped_output(usage, times[0], times[-1], a, b, ends.steps_by) for a, b in zip(cuts, cuts[1:])]
+    assert all(p is not None for p in parts)
+    assert math.fsum(parts) == pytest.approx(30.0)  # type: ignore[arg-type]
+    assert stepped_output(usage, times[0], times[-1], *inside, ends.steps_by) == pytest.approx(0.05 / chunk_seconds)
+    assert ends.steps_by(times[-1] + 1.0) is None  # the step in progress is not known yet
