@@ -128,17 +128,24 @@ def test_where_no_stream_shows_the_steps_the_batch_makes_its_tokens_at_the_steps
     assert unseen_step_rates(slow, DECODE_STEP_SECONDS, SECONDS_PER_PROMPT_TOKEN).output_per_second == 10.0
 
 
+def _ends_with_chunk_steps(steps: int, chunked: range) -> tuple[StepEnds, list[float], float]:
+    """Step ends from 0: 20 ms decode-only steps, those in `chunked` carrying a 512-token
+    chunk (122 ms); returns the StepEnds, the times and a chunk step's length."""
+    chunk_seconds = DECODE_STEP_SECONDS + CHUNK_TOKENS * SECONDS_PER_PROMPT_TOKEN
+    times = [0.0]
+    for k in range(steps):
+        times.append(times[-1] + (chunk_seconds if k in chunked else DECODE_STEP_SECONDS))
+    ends = StepEnds()
+    ends.add(times)
+    return ends, times, chunk_seconds
+
+
 def test_a_non_streamed_sequence_made_its_tokens_at_the_last_steps_streams_showed() -> None:
     # Streams show every step's end: decode-only steps, and steps that carry a chunk
     # (five times longer). A non-streamed sequence in the batch made one token per step,
     # its last at its end; where steps went unseen (no stream decoding), its tokens are
     # not placed.
-    chunk_seconds = DECODE_STEP_SECONDS + CHUNK_TOKENS * SECONDS_PER_PROMPT_TOKEN
-    times = [0.0]
-    for k in range(40):
-        times.append(times[-1] + (chunk_seconds if 10 <= k < 20 else DECODE_STEP_SECONDS))
-    ends = StepEnds()
-    ends.add(times)
+    ends, times, _ = _ends_with_chunk_steps(40, range(10, 20))
     # 25 tokens, arrived at 0.1, the last one at the 40th step's end.
     placed = ends.token_ends(25, 0.1, times[-1])
     assert placed == times[-25:]
@@ -157,12 +164,7 @@ def test_a_token_is_the_work_of_the_step_that_ended_with_it() -> None:
     # read by a meter every 50 ms: some intervals hold no step end at all. Each token
     # is spread over its step, so such an interval holds part of a token (the work the
     # batch did in it) and the request's tokens add up exactly.
-    chunk_seconds = DECODE_STEP_SECONDS + CHUNK_TOKENS * SECONDS_PER_PROMPT_TOKEN
-    times = [0.0]
-    for k in range(30):
-        times.append(times[-1] + (chunk_seconds if 10 <= k < 13 else DECODE_STEP_SECONDS))
-    ends = StepEnds()
-    ends.add(times)
+    ends, times, chunk_seconds = _ends_with_chunk_steps(30, range(10, 13))
     assert ends.steps_by(times[4]) - ends.steps_by(times[1]) == pytest.approx(3.0)
     inside = (times[11] + 0.01, times[11] + 0.06)  # within one chunk step
     assert ends.steps_by(inside[1]) - ends.steps_by(inside[0]) == pytest.approx(0.05 / chunk_seconds)
