@@ -6,6 +6,7 @@ is the one its receipt will settle to (here with no tail left to predict)."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import pytest
 
@@ -44,6 +45,20 @@ def _stream_ticks(usage: RequestUsage, first: float, until: float, every: float 
     return [first + k * every for k in range(int(round((until - first) / every)) + 1)]
 
 
+def _play(
+    meter: _Meter, ticks: dict[RequestUsage, list[float]], readings: list[float], after_reading: Callable[[float], None] = lambda at: None
+) -> None:
+    """Streams' tokens and meter readings in time order (a token at a reading's instant
+    first); `after_reading(at)` runs after each reading (closes, end figures)."""
+    events = sorted([(t, 0, u) for u, times in ticks.items() for t in times] + [(t, 1, None) for t in readings], key=lambda e: (e[0], e[1]))
+    for at, kind, usage in events:
+        if kind == 0:
+            usage.tick(1, at)  # type: ignore[union-attr]
+        else:
+            meter.read(at)
+            after_reading(at)
+
+
 def test_end_figure_counts_the_output_a_neighbour_reported_since() -> None:
     """A stream decodes beside a non-streamed request whose output nobody sees until it
     ends. The stream's prompt is paid at a price that depends on that output; it ends
@@ -53,14 +68,12 @@ def test_end_figure_counts_the_output_a_neighbour_reported_since() -> None:
     stream = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=1000)
     blind = engine.open("g", 0.0, streaming=False, prompt_tokens_estimate=0)
     ticks = _stream_ticks(stream, 0.2, 0.4)  # prompt prefilled in [0, 0.2] at 5,000 tokens/s
-    events = sorted([(t, "tick") for t in ticks] + [(STEP_SECONDS * k, "sample") for k in range(1, 5)])
-    for at, what in events:
-        if what == "tick":
-            stream.tick(1, at)
-        else:
-            meter.read(at)
-        if what == "sample" and math.isclose(at, 0.3):
+
+    def after_reading(at: float) -> None:
+        if math.isclose(at, 0.3):
             engine.close(blind, 0.35, prompt_tokens=0, output_tokens=60)
+
+    _play(meter, {stream: ticks}, [STEP_SECONDS * k for k in range(1, 5)], after_reading)
     engine.close(stream, 0.4, prompt_tokens=1000, output_tokens=len(ticks))
     at_end = engine.provisional(stream, 0.4)[0]
     assert not stream.final
@@ -80,15 +93,7 @@ def test_end_figure_is_priced_by_what_the_model_learned_since() -> None:
     short = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=0)
     long_ticks = _stream_ticks(long, 0.2, 0.8)
     short_ticks = _stream_ticks(short, 0.02, 1.0)
-    events = sorted(
-        [(t, 0, long) for t in long_ticks] + [(t, 0, short) for t in short_ticks] + [(STEP_SECONDS * k, 1, None) for k in range(1, 9)],
-        key=lambda e: (e[0], e[1]),
-    )
-    for at, kind, usage in events:
-        if kind == 0:
-            usage.tick(1, at)  # type: ignore[union-attr]
-        else:
-            meter.read(at)
+    _play(meter, {long: long_ticks, short: short_ticks}, [STEP_SECONDS * k for k in range(1, 9)])
     engine._groups["g"].model.set_prior(dear, MIN_BLOCKS)  # the model learned since
     engine.close(long, 0.8, prompt_tokens=1000, output_tokens=len(long_ticks))
     at_end = engine.provisional(long, 0.8)[0]
@@ -115,21 +120,17 @@ def test_end_figure_counts_an_open_neighbour_as_decoding_at_the_batchs_rate() ->
     blind = engine.open("g", 0.0, streaming=False, prompt_tokens_estimate=0)
     # Tokens between readings (none on a reading's instant): 5 per 0.1 s for each stream.
     ticks = {prompted: _stream_ticks(prompted, 0.21, 0.39), decoding: _stream_ticks(decoding, -0.19, 0.69)}
-    events = sorted(
-        [(t, 0, u) for u, times in ticks.items() for t in times] + [(STEP_SECONDS * k, 1, None) for k in range(-1, 8)],
-        key=lambda e: (e[0], e[1]),
-    )
     at_end = None
-    for at, kind, usage in events:
-        if kind == 0:
-            usage.tick(1, at)  # type: ignore[union-attr]
-            continue
-        meter.read(at)
+
+    def after_reading(at: float) -> None:
+        nonlocal at_end
         if math.isclose(at, 0.4):
             engine.close(prompted, 0.4, prompt_tokens=1000, output_tokens=len(ticks[prompted]))
             at_end = engine.provisional(prompted, 0.4)[0]
         if math.isclose(at, 0.6):
             engine.close(blind, 0.6, prompt_tokens=0, output_tokens=30)  # 50 tokens/s, as the streams
+
+    _play(meter, ticks, [STEP_SECONDS * k for k in range(-1, 8)], after_reading)
     engine.close(decoding, 0.7, prompt_tokens=0, output_tokens=len(ticks[decoding]))
     meter.read(0.8)
     assert prompted.final and decoding.final and blind.final
@@ -146,16 +147,15 @@ def test_end_figure_of_a_non_streamed_request_holds_all_of_its_prompt() -> None:
     stream = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=10)
     blind = engine.open("g", 0.0, streaming=False, prompt_tokens_estimate=20000)
     ticks = _stream_ticks(stream, 0.02, 1.4)
-    events = sorted([(t, "tick") for t in ticks] + [(STEP_SECONDS * k, "sample") for k in range(1, 15)])
     at_end = None
-    for at, what in events:
-        if what == "tick":
-            stream.tick(1, at)
-        else:
-            meter.read(at)
-        if what == "sample" and math.isclose(at, 0.9):
+
+    def after_reading(at: float) -> None:
+        nonlocal at_end
+        if math.isclose(at, 0.9):
             engine.close(blind, 0.9, prompt_tokens=20000, output_tokens=10)
             at_end = engine.provisional(blind, 0.9)[0]
+
+    _play(meter, {stream: ticks}, [STEP_SECONDS * k for k in range(1, 15)], after_reading)
     engine.close(stream, 1.4, prompt_tokens=10, output_tokens=len(ticks))
     meter.read(1.5)
     assert blind.final and stream.final and at_end is not None
