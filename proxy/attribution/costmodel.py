@@ -24,7 +24,7 @@ split is exactly the separable one: each term shared by its own users.
 
 Fitting: for each candidate s on a grid, non-negative least squares of g_s^-1(power) on
 the four features, with exponential forgetting, on blocks of settled intervals
-(each 5 s block, cut into 50 ms sub-blocks where the saturation is undone; a stale
+(each 5 s block, cut into 250 ms sub-blocks where the saturation is undone; a stale
 counter read's energy mostly lands in the same block). The candidate whose one-step-ahead prediction
 error is least is used. Why this and not a free basis (quadratics) fitted by RLS: it was
 tried and extrapolated badly (negative marginal prices at loads it had seen little of,
@@ -54,7 +54,14 @@ SATURATION_GRID = (math.inf, 3.0, 2.0, 1.5, 1.25, 1.1, -2.0, -1.5, -1.25, -1.1, 
 """Candidate s as multiples of the highest dynamic power seen (infinity: additive;
 negative: the exponential knee)."""
 BLOCK_SECONDS = 5.0
-SUB_BLOCK_SECONDS = 0.05
+SUB_BLOCK_SECONDS = 0.25
+"""Where the saturation is undone (g_s^-1 of each sub-block's mean power). g_s^-1 is
+convex and steep near the ceiling, so a sub-block's noise (counter noise, and energy
+stamped a poll early or late: at 50 ms a sub-block's power is off by tens of percent)
+inflated the loads of busy sub-blocks, those with prompts, and the prompt's price came
+out 25-30% high under a saturating curve (bench curve seeds 12, 15: 0.107 for 0.084,
+0.16 for 0.12); at 250 ms, 0.084 and 0.128. Longer, the load's own swings within a
+sub-block bias it the other way."""
 WINDOW_BLOCKS = 1
 """Each refit reads the newest block only (5 s): with longer windows (20 s were tried)
 consecutive rows overlap and the load swings of a busy server average out within them,
@@ -69,8 +76,8 @@ ERROR_FORGETTING = 0.85
 seven blocks), not the first ones, made while a candidate with more terms had little
 data."""
 MIN_BLOCKS = 12
-ERROR_SUB_BLOCKS = 10
-"""Candidates are compared on their prediction error over half seconds (10 sub-blocks),
+ERROR_SUB_BLOCKS = 2
+"""Candidates are compared on their prediction error over half seconds (2 sub-blocks),
 not 50 ms: within half a second, which step a streamed token fell in and where a prompt
 was placed are not model error, and at 50 ms that noise let a separable fit (flat power:
 a constant per sequence in the batch) pass for the better model of a saturated curve
@@ -277,7 +284,7 @@ class CostModel:
         self.blocks += 1
 
     def _update(self) -> None:
-        """Fit every candidate on the window. The saturation is undone per half second,
+        """Fit every candidate on the window. The saturation is undone per sub-block,
         not on the window's mean power: the load varies within a window, and the inverse
         of a concave curve at the mean is not the mean of the inverse."""
         lam = self._lambda
@@ -292,7 +299,11 @@ class CostModel:
                 continue  # no power seen yet: nothing saturates
             s = math.inf if math.isinf(multiple) else multiple * self.peak_watts
             mask = ALL_TERMS if math.isinf(multiple) else WORK_TERMS
-            if candidate.theta is not None:
+            if candidate.theta is not None and self.blocks >= len(TERMS):
+                # Not before a candidate has had a block per term: the first fits are
+                # underdetermined, and the separable candidate's (most terms) predicted
+                # so badly that, forgotten at 0.85 per block, it lost to a saturating
+                # one for 27 blocks on a device with no saturation (additive seed 6).
                 # One-step-ahead error on the newest block's half seconds: where prefill
                 # bursts meet a busy batch, saturation and a concave decode power part.
                 predicted = [saturate(sum(t * f / sub[0] for t, f in zip(candidate.theta, sub[2:])), s) for sub in newest]
@@ -344,6 +355,7 @@ class CostModel:
         return {
             "terms": list(TERMS),
             "grid": [None if math.isinf(m) else m for m in SATURATION_GRID],
+            "sub_block_seconds": SUB_BLOCK_SECONDS,
             "peak_watts": self.peak_watts,
             "blocks": self.blocks,
             "candidates": [{"xx": c.xx, "xy": c.xy, "error": c.error, "theta": c.theta} for c in self._candidates],
@@ -356,10 +368,13 @@ class CostModel:
         }
 
     def load(self, state: dict[str, Any]) -> bool:
-        """Restore a saved fit; a state of another basis or grid is ignored (returns False)."""
+        """Restore a saved fit; a state of another basis, grid or sub-block length is
+        ignored (returns False)."""
         try:
             if state.get("terms") != list(TERMS) or state.get("grid") != [None if math.isinf(m) else m for m in SATURATION_GRID]:
                 return False
+            if state.get("sub_block_seconds") != SUB_BLOCK_SECONDS:
+                return False  # its window's sub-blocks are of another length
             candidates = []
             for saved in state["candidates"]:
                 candidate = _Candidate(len(TERMS))
