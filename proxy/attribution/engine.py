@@ -27,8 +27,9 @@ from proxy.attribution.learning import IdlePowerLearner
 from proxy.attribution.prefill import ProgressSpan
 from proxy.attribution.prior import GroupPrior
 from proxy.attribution.provisional import EndOfResponse
-from proxy.attribution.split import context_tokens, decode_work, known_work, overlap, presence_shares
+from proxy.attribution.split import PrefillFrom, context_tokens, decode_work, known_work, overlap, presence_shares
 from proxy.attribution.split import split_dynamic, split_priced
+from proxy.attribution.timing import Pace
 from proxy.attribution.usage import RequestUsage
 from proxy.meters.base import EnergySample
 
@@ -299,10 +300,11 @@ class AttributionEngine:
         decode batch) in the interval, from what is known now; and the interval's rates."""
         pace = group.pace.pace()
         steps_by = group.step_ends.steps_by
+        prefill_from = self._prefill_from(group, pace)
         rows: list[tuple[float, float, float]] = []
         output_total = sequence_seconds = 0.0
         for usage, binned in zip(interval.members, interval.binned):
-            row = known_work(usage, interval.t0, interval.t1, binned, pace, (interval.progress.start, interval.progress.end), steps_by)
+            row = known_work(usage, interval.t0, interval.t1, binned, pace, (interval.progress.start, interval.progress.end), steps_by, prefill_from)
             rows.append(row)
             output_total += row[1]
             sequence_seconds += row[2]
@@ -325,6 +327,17 @@ class AttributionEngine:
                 totals[k] += work[k]
         duration = interval.t1 - interval.t0
         return works, Rates(totals[0] / duration, totals[1] / duration, totals[2] / duration, totals[3] / duration)
+
+    @staticmethod
+    def _prefill_from(group: _Group, pace: Pace) -> PrefillFrom | None:
+        """Where a prefill that ended at a step end began, by the steps streams showed:
+        its prompt's compute time (learned from step lengths, else the prefill pace)
+        beyond decode-only steps (steps.StepEnds.prefill_start)."""
+        shortest = group.prefill_steps.shortest()
+        if shortest is None:
+            return None
+        per_token = group.prefill_steps.seconds_per_token() or 1.0 / pace.prefill_tokens_per_second
+        return lambda arrived, end, prompt: group.step_ends.prefill_start(arrived, end, prompt * per_token, shortest)
 
     def _priced(self, group: _Group, interval: _Interval, works: list[tuple[float, float, float, float]], rates: Rates) -> tuple[list[float], list[float], bool]:
         """Each member's prompt and decode work in joules at the interval's Aumann-Shapley
@@ -402,6 +415,7 @@ class AttributionEngine:
             return
         usage.final = True
         usage.token_ends = None  # every interval it was in has settled
+        usage.queued_after = None  # nothing of it is read again: no chain of past requests
         usage.dynamic_joules_estimate = 0.0  # exactly zero, not a float residue
         usage.weighted_estimate = 0.0
         if self._on_final is not None:

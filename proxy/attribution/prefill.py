@@ -47,10 +47,15 @@ class PrefillProgress:
         self.progress_at_sample = 0.0
         self.last_sample_t: float | None = None
         self._waiting: deque[RequestUsage] = deque()  # prefill not done, in arrival order
+        self._last: RequestUsage | None = None
         self._history: deque[ProgressSpan] = deque(maxlen=HISTORY_SPANS)
 
     def enqueue(self, usage: RequestUsage) -> None:
         """A request arrived: its prompt joins the back of the queue."""
+        last = self._last
+        if last is not None and not last.final:
+            usage.queued_after = last
+        self._last = usage
         usage.queue_from_tokens = self.arrived_tokens
         self.arrived_tokens += max(0, usage.prompt_tokens_estimate)
         usage.queue_to_tokens = self.arrived_tokens

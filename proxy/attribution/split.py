@@ -20,6 +20,10 @@ from proxy.attribution.timing import Pace
 from proxy.attribution.usage import RequestUsage
 
 StepCount = Callable[[float], "float | None"]
+PrefillFrom = Callable[[float, float, float], "float | None"]
+"""(a request's arrival, the end of its prefill, its prompt tokens) -> where its prefill
+began by the steps streams showed (steps.StepEnds.prefill_start), None where they are
+not known."""
 
 
 def presence_shares(spans: Sequence[tuple[float, float]], t0: float, t1: float) -> tuple[list[float], float]:
@@ -94,6 +98,17 @@ def stepped_output(usage: RequestUsage, first: float, last: float, t0: float, t1
     return usage.output_tokens * (at_hi - at_lo) / (at_last - at_first)
 
 
+def _prefill_not_before(usage: RequestUsage) -> float:
+    """The earliest its prefill can have begun: its arrival, or where the prefill of the
+    request queued before it ended (first come, first served), whichever is later."""
+    before = usage.queued_after
+    ended = before.prefill_ended_at() if before is not None else None
+    own = usage.prefill_ended_at()
+    if ended is None or (own is not None and ended >= own):  # an estimate that cannot be right
+        return usage.opened_at
+    return max(usage.opened_at, ended)
+
+
 def known_work(
     usage: RequestUsage,
     t0: float,
@@ -102,11 +117,13 @@ def known_work(
     pace: Pace,
     progress: tuple[float, float],
     steps_by: StepCount | None = None,
+    prefill_from: PrefillFrom | None = None,
 ) -> tuple[float, float, float]:
     """(prompt tokens, output tokens + work units, seconds in the decode batch) of a
     request in [t0, t1], from what is known now (exact once it is closed). `progress` is
     the group's prefill progress at t0 and t1 (prefill.py); `steps_by`: the steps the
-    server had done by a time (steps.StepEnds.steps_by)."""
+    server had done by a time (steps.StepEnds.steps_by); `prefill_from`: where a
+    prefill that ended at a step end began (PrefillFrom)."""
     end = usage.closed_at if usage.closed_at is not None else t1
     prompt = usage.prompt_tokens if usage.prompt_tokens is not None else usage.prompt_tokens_estimate
     units = 0.0
@@ -119,7 +136,13 @@ def known_work(
     if usage.streaming:
         prefill_end = usage.first_token_at if usage.first_token_at is not None else end
         # Time to first token is queueing, then prefill: the prefill is its last part.
-        prefill_start = max(usage.opened_at, prefill_end - prompt / pace.prefill_tokens_per_second)
+        prefill_start = prefill_end - prompt / pace.prefill_tokens_per_second
+        if prefill_from is not None and usage.first_token_at is not None:
+            # The steps that carried its chunks last longer than the pace says (each also
+            # decodes the batch): the prompt's work is spread over all of them.
+            stepped = prefill_from(_prefill_not_before(usage), usage.first_token_at, prompt)
+            prefill_start = prefill_start if stepped is None else min(prefill_start, stepped)
+        prefill_start = max(_prefill_not_before(usage) if prefill_from is not None else usage.opened_at, prefill_start)
         output = binned_output
         sampled = usage.sampled_output_tokens
         if usage.output_tokens is not None and sampled > 0:
@@ -144,6 +167,16 @@ def known_work(
         prompt_part = _spread(prompt, max(usage.opened_at, done - usage.prefill_seconds), done, t0, t1)
     if usage.token_ends is not None:  # the steps showed when its tokens were made
         ends = usage.token_ends
+        # Its first token ended its prefill, as a stream's does: its prompt was in the
+        # steps before that, not where the group's progress, inferred from energy, put it
+        # (where the steps do not show it, progress stands).
+        start = None
+        if usage.prefill_seconds is not None:
+            start = ends[0] - usage.prefill_seconds
+        elif prefill_from is not None:
+            start = prefill_from(_prefill_not_before(usage), ends[0], prompt)
+        if start is not None:
+            prompt_part = _spread(prompt, max(usage.opened_at, start), ends[0], t0, t1)
         stepped = stepped_output(usage, ends[0], ends[-1], t0, t1, steps_by)
         output = float(bisect_right(ends, t1) - bisect_right(ends, t0)) if stepped is None else stepped
         return prompt_part, units + output, overlap(ends[0], end, t0, t1)

@@ -91,6 +91,33 @@ class StepEnds:
             return None
         return placed
 
+    def prefill_start(self, not_before: float, first_token_at: float, chunk_seconds: float, shortest_step_seconds: float) -> float | None:
+        """Where the steps that carried a prompt began: a stream's first token ends the
+        step that finished its prompt, and the steps before it carried the rest, each
+        beyond a decode-only step's length. Walks back until `chunk_seconds` of excess
+        are covered, never to a step that began before `not_before` (its arrival, or the
+        end of the prefill queued before it); None where the steps are not known."""
+        ends = self._ends
+        j = bisect_right(ends, first_token_at + MIN_STEP_SECONDS) - 1
+        if j < 1 or first_token_at - ends[j] > MIN_STEP_SECONDS:
+            return None
+        need = chunk_seconds
+        while j >= 1:
+            length = ends[j] - ends[j - 1]
+            if length > LONGEST_STEP_SECONDS:
+                return None
+            if ends[j - 1] < not_before:
+                return ends[j]  # it joined the step after the one running then
+            excess = max(0.0, length - shortest_step_seconds)
+            if excess >= need:
+                # The step that held the prompt's first chunk: all of it if the chunk
+                # filled it; where it is far longer (other prompts' chunks too, or no
+                # stream decoding to show its steps), its last part.
+                return max(ends[j - 1], ends[j] - need - shortest_step_seconds)
+            need -= excess
+            j -= 1
+        return None
+
     def around(self, t0: float, t1: float) -> tuple[float | None, list[float], float | None]:
         """(the last end at or before t0, the ends inside (t0, t1), the first end at or
         after t1); None where not known or too far to be the same step."""

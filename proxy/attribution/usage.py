@@ -43,6 +43,10 @@ class RequestUsage:
     """A non-streamed request's output token times, once the steps streams showed place
     them (steps.py StepEnds.token_ends): one token per step, the last at its end."""
 
+    queued_after: "RequestUsage | None" = field(default=None, repr=False)
+    """The request queued just before it (prefill is first come, first served: its
+    prefill began once that one's had ended); dropped once final."""
+
     # What the engine credited. Static shares are final when credited; dynamic shares
     # are estimates until every request in the interval is closed.
     static_joules: float = 0.0
@@ -76,6 +80,13 @@ class RequestUsage:
     def energy_joules(self) -> float:
         """Best figure now: final shares plus estimates for intervals not yet settled."""
         return self.static_joules + self.dynamic_joules_final + self.dynamic_joules_estimate
+
+    def prefill_ended_at(self) -> float | None:
+        """When its prefill ended, where the steps show it: a stream's first token, the
+        first of a non-streamed request's placed tokens (None while not known)."""
+        if self.first_token_at is not None:
+            return self.first_token_at
+        return self.token_ends[0] if self.token_ends is not None else None
 
     def presence_seconds(self, t0: float, t1: float) -> float:
         end = self.closed_at if self.closed_at is not None else t1

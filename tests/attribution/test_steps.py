@@ -8,8 +8,9 @@ import math
 import pytest
 
 from proxy.attribution.costmodel import Fit, Rates
-from proxy.attribution.split import stepped_output
+from proxy.attribution.split import known_work, stepped_output
 from proxy.attribution.steps import PrefillSteps, StepEnds, step_prices, unseen_step_rates
+from proxy.attribution.timing import Pace
 from proxy.attribution.usage import RequestUsage
 
 DECODE_STEP_SECONDS = 0.02
@@ -176,3 +177,43 @@ def test_a_token_is_the_work_of_the_step_that_ended_with_it() -> None:
     assert math.fsum(parts) == pytest.approx(30.0)  # type: ignore[arg-type]
     assert stepped_output(usage, times[0], times[-1], *inside, ends.steps_by) == pytest.approx(0.05 / chunk_seconds)
     assert ends.steps_by(times[-1] + 1.0) is None  # the step in progress is not known yet
+
+
+def test_a_prompt_was_prefilled_in_the_chunk_steps_before_its_first_token() -> None:
+    # Steps 10-19 carry 512-token chunks (122 ms: 20 ms of decoding, 102 ms of prompt).
+    # A 1536-token prompt whose first token ended step 20 filled steps 17-19; a
+    # 1280-token one, the last half chunk of step 17 too (the rest of it went to the
+    # prompt before it); a 100-token prompt that shared step 19 with others, its end.
+    ends, times, chunk_seconds = _ends_with_chunk_steps(40, range(10, 20))
+    chunk_compute = CHUNK_TOKENS * SECONDS_PER_PROMPT_TOKEN
+    first = times[20]
+    assert ends.prefill_start(0.0, first, 3 * chunk_compute, DECODE_STEP_SECONDS) == pytest.approx(times[17])
+    start = ends.prefill_start(0.0, first, 2.5 * chunk_compute, DECODE_STEP_SECONDS)
+    assert start == pytest.approx(times[18] - 0.5 * chunk_compute - DECODE_STEP_SECONDS)
+    start = ends.prefill_start(0.0, first, 100 * SECONDS_PER_PROMPT_TOKEN, DECODE_STEP_SECONDS)
+    assert start == pytest.approx(first - 100 * SECONDS_PER_PROMPT_TOKEN - DECODE_STEP_SECONDS)
+    # Nothing before its arrival (or the end of the prefill queued before it): it
+    # joined the step after the one running then.
+    assert ends.prefill_start(times[18] - 0.01, first, 3 * chunk_compute, DECODE_STEP_SECONDS) == pytest.approx(times[18])
+    # Not at a step end, or before any: not known.
+    assert ends.prefill_start(0.0, first + 0.01, chunk_compute, DECODE_STEP_SECONDS) is None
+    assert StepEnds().prefill_start(0.0, 1.0, chunk_compute, DECODE_STEP_SECONDS) is None
+
+
+def test_a_non_streamed_prompt_is_placed_before_its_first_token_like_a_streams() -> None:
+    # A non-streamed request's tokens sit at the last steps streams showed (token_ends):
+    # the first of them ended its prefill, so its prompt ran in the chunk steps before.
+    ends, times, _ = _ends_with_chunk_steps(40, range(10, 20))
+    usage = RequestUsage("g", 0.0, streaming=False, closed_at=times[-1])
+    usage.prompt_tokens, usage.output_tokens = 1536, 21
+    usage.token_ends = ends.token_ends(21, 0.0, times[-1])
+    assert usage.token_ends is not None and usage.token_ends[0] == times[20]
+    per_token = SECONDS_PER_PROMPT_TOKEN
+
+    def prefill_from(arrived: float, end: float, prompt: float) -> float | None:
+        return ends.prefill_start(arrived, end, prompt * per_token, DECODE_STEP_SECONDS)
+
+    pace = Pace(prefill_tokens_per_second=1.0 / per_token, decode_seconds_per_token=None, fastest_decode_seconds_per_token=None)
+    in_steps = [known_work(usage, times[k], times[k + 1], 0.0, pace, (0.0, 0.0), ends.steps_by, prefill_from)[0] for k in range(40)]
+    assert in_steps[17:20] == pytest.approx([512.0, 512.0, 512.0])
+    assert math.fsum(in_steps) == pytest.approx(1536.0)
