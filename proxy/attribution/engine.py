@@ -28,7 +28,7 @@ from proxy.attribution.prefill import ProgressSpan
 from proxy.attribution.prior import GroupPrior
 from proxy.attribution.provisional import EndOfResponse
 from proxy.attribution.split import PrefillFrom, context_tokens, decode_work, known_work, overlap, presence_shares
-from proxy.attribution.split import split_dynamic, split_priced
+from proxy.attribution.split import split_dynamic, split_priced, unpaid_prompts
 from proxy.attribution.timing import Pace
 from proxy.attribution.usage import RequestUsage
 from proxy.meters.base import EnergySample
@@ -373,6 +373,13 @@ class AttributionEngine:
             per_output = prices.joules(0.0, rates.output_per_second, rates.context_per_second, rates.batch) / rates.output_per_second
             if per_output > 0:
                 group.prefill_weight = prices.prompt / per_output
+        if settle:
+            # What earlier intervals could not pay of a member's prompt is paid first.
+            owed = [u.prompt_debt_joules for u in interval.members]
+            if any(owed):
+                prompts = [p + o for p, o in zip(prompts, owed)]
+            for usage, unpaid in zip(interval.members, unpaid_prompts(interval.dynamic_joules, prompts, decodes)):
+                usage.prompt_debt_joules = unpaid
         return (*split_priced(interval.dynamic_joules, prompts, decodes, interval.presence), rates)
 
     def _settle(self, group: _Group, interval: _Interval) -> float:

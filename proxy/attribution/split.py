@@ -232,6 +232,19 @@ def split_dynamic(dynamic_joules: float, works: Sequence[float], presence: Seque
     return [0.0] * len(works), dynamic_joules
 
 
+def unpaid_prompts(dynamic_joules: float, prompt_joules: Sequence[float], decode_work: Sequence[float]) -> list[float]:
+    """What split_priced could not pay of each prompt's price: an interval that drew less
+    than its prompts' price scales them down. The energy was drawn, but stamped in a
+    neighbouring interval (a counter read's time is known to half a poll) where the batch
+    took it; carried over, the next interval the request is in pays it first (prompts
+    were 2% of their price short, bench curve seeds)."""
+    prefill = sum(prompt_joules)
+    if prefill <= 0 or sum(decode_work) <= 0 or dynamic_joules >= prefill:
+        return [0.0] * len(prompt_joules)
+    short = 1.0 - max(0.0, dynamic_joules) / prefill
+    return [p * short for p in prompt_joules]
+
+
 def split_priced(
     dynamic_joules: float, prompt_joules: Sequence[float], decode_work: Sequence[float], presence: Sequence[float]
 ) -> tuple[list[float], float]:

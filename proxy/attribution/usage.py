@@ -46,6 +46,9 @@ class RequestUsage:
     queued_after: "RequestUsage | None" = field(default=None, repr=False)
     """The request queued just before it (prefill is first come, first served: its
     prefill began once that one's had ended); dropped once final."""
+    prompt_debt_joules: float = 0.0
+    """Prompt joules at its price that a settled interval could not pay (it drew less
+    than its prompts' price: the energy was stamped in a neighbouring interval)."""
 
     # What the engine credited. Static shares are final when credited; dynamic shares
     # are estimates until every request in the interval is closed.

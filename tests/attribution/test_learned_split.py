@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,6 +50,36 @@ def test_prompt_paid_its_price_and_the_batch_shares_the_rest() -> None:
     # each; the 10 J left is decode, shared by a and b's tokens.
     dynamic = [u.dynamic_joules_final for u in (a, b, c)]
     assert all(math.isclose(x, y) for x, y in zip(dynamic, [5.0, 5.0, 100.0]))
+    totals = engine.totals()["g"]
+    assert math.isclose(sum(u.energy_joules for u in (a, b, c)) + totals.idle_joules, totals.measured_joules)
+
+
+def test_a_prompts_price_that_its_interval_could_not_pay_is_paid_by_the_next() -> None:
+    # c's 1000 prompt tokens (100 J at 0.1 J each) ran in [0.1, 0.2], but the counter's
+    # read there was stamped early: 40 J of them came with the next reading. Paid only
+    # what its interval drew, c lost 40 J to a and b's decoding in the next one.
+    engine = learned_engine({"g": ["0"]})
+    sample(engine, 0.0, 0.0)
+    a = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=0)
+    b = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=0)
+    a.tick(1, 0.01)
+    b.tick(1, 0.01)
+    sample(engine, 0.1, 0.0)
+    c = engine.open("g", 0.1, streaming=True, prompt_tokens_estimate=1000)
+    a.tick(5, 0.15)
+    b.tick(5, 0.15)
+    sample(engine, 0.2, 5.0 + 60.0)  # idle, and 60 J of c's prompt
+    c.tick(1, 0.2)
+    a.tick(5, 0.25)
+    b.tick(5, 0.25)
+    sample(engine, 0.3, 65.0 + 5.0 + 40.0 + 9.0)  # idle, the prompt's other 40 J, 9 J of decoding
+    for usage in (a, b, c):
+        engine.close(usage, 0.3, prompt_tokens=1000 if usage is c else 0, output_tokens=1 if usage is c else 11)
+    sample(engine, 0.4, 119.0 + 5.0)
+    assert a.final and b.final and c.final
+    # The three decoded side by side for 0.1 s: 3 J each of the 9 J.
+    assert [u.dynamic_joules_final for u in (a, b, c)] == pytest.approx([3.0, 3.0, 100.0 + 3.0])
+    assert c.prompt_debt_joules == 0.0
     totals = engine.totals()["g"]
     assert math.isclose(sum(u.energy_joules for u in (a, b, c)) + totals.idle_joules, totals.measured_joules)
 
