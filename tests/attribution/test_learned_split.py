@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from proxy.attribution import AttributionEngine
 from proxy.attribution.costmodel import MIN_BLOCKS, Fit
+from proxy.attribution.usage import RequestUsage
 from proxy.meters.base import EnergySample
 
 PROMPT_JOULES_PER_TOKEN = 0.1
@@ -29,17 +30,24 @@ def sample(engine: AttributionEngine, t: float, joules: float, devices: tuple[st
     engine.on_sample(EnergySample(t, {d: joules / len(devices) for d in devices}))
 
 
-def test_prompt_paid_its_price_and_the_batch_shares_the_rest() -> None:
-    engine = learned_engine({"g": ["0"]})
+def _two_streams_then_a_prompt(engine: AttributionEngine) -> tuple[RequestUsage, RequestUsage, RequestUsage]:
+    """a and b decode from 0; c, with 1000 prompt tokens, arrives at 0.1 (nothing drawn
+    until then); a and b each make 5 tokens by 0.15."""
     sample(engine, 0.0, 0.0)
     a = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=0)
     b = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=0)
     a.tick(1, 0.01)
     b.tick(1, 0.01)
-    sample(engine, 0.1, 0.0)  # nothing drawn yet
+    sample(engine, 0.1, 0.0)
     c = engine.open("g", 0.1, streaming=True, prompt_tokens_estimate=1000)
     a.tick(5, 0.15)
     b.tick(5, 0.15)
+    return a, b, c
+
+
+def test_prompt_paid_its_price_and_the_batch_shares_the_rest() -> None:
+    engine = learned_engine({"g": ["0"]})
+    a, b, c = _two_streams_then_a_prompt(engine)
     sample(engine, 0.2, 5.0 + 100.0 + 10.0)  # 5 J idle (50 W), 100 J for c's prompt, 10 J decode
     c.tick(1, 0.2)
     for usage in (a, b, c):
@@ -59,15 +67,7 @@ def test_a_prompts_price_that_its_interval_could_not_pay_is_paid_by_the_next() -
     # read there was stamped early: 40 J of them came with the next reading. Paid only
     # what its interval drew, c lost 40 J to a and b's decoding in the next one.
     engine = learned_engine({"g": ["0"]})
-    sample(engine, 0.0, 0.0)
-    a = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=0)
-    b = engine.open("g", 0.0, streaming=True, prompt_tokens_estimate=0)
-    a.tick(1, 0.01)
-    b.tick(1, 0.01)
-    sample(engine, 0.1, 0.0)
-    c = engine.open("g", 0.1, streaming=True, prompt_tokens_estimate=1000)
-    a.tick(5, 0.15)
-    b.tick(5, 0.15)
+    a, b, c = _two_streams_then_a_prompt(engine)
     sample(engine, 0.2, 5.0 + 60.0)  # idle, and 60 J of c's prompt
     c.tick(1, 0.2)
     a.tick(5, 0.25)
