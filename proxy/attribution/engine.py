@@ -337,7 +337,12 @@ class AttributionEngine:
         if shortest is None:
             return None
         per_token = group.prefill_steps.seconds_per_token() or 1.0 / pace.prefill_tokens_per_second
-        return lambda arrived, end, prompt: group.step_ends.prefill_start(arrived, end, prompt * per_token, shortest)
+        longest = group.prefill_steps.longest()
+
+        def prefill_from(arrived: float, behind: float | None, end: float, prompt: float) -> float | None:
+            return group.step_ends.prefill_start(arrived, behind, end, prompt * per_token, shortest, longest)
+
+        return prefill_from
 
     def _priced(self, group: _Group, interval: _Interval, works: list[tuple[float, float, float, float]], rates: Rates) -> tuple[list[float], list[float], bool]:
         """Each member's prompt and decode work in joules at the interval's Aumann-Shapley

@@ -20,10 +20,10 @@ from proxy.attribution.timing import Pace
 from proxy.attribution.usage import RequestUsage
 
 StepCount = Callable[[float], "float | None"]
-PrefillFrom = Callable[[float, float, float], "float | None"]
-"""(a request's arrival, the end of its prefill, its prompt tokens) -> where its prefill
-began by the steps streams showed (steps.StepEnds.prefill_start), None where they are
-not known."""
+PrefillFrom = Callable[[float, "float | None", float, float], "float | None"]
+"""(a request's arrival, the end of the prefill queued before it, the end of its own, its
+prompt tokens) -> where its prefill began by the steps streams showed
+(steps.StepEnds.prefill_start), None where they are not known."""
 
 
 def presence_shares(spans: Sequence[tuple[float, float]], t0: float, t1: float) -> tuple[list[float], float]:
@@ -98,15 +98,15 @@ def stepped_output(usage: RequestUsage, first: float, last: float, t0: float, t1
     return usage.output_tokens * (at_hi - at_lo) / (at_last - at_first)
 
 
-def _prefill_not_before(usage: RequestUsage) -> float:
-    """The earliest its prefill can have begun: its arrival, or where the prefill of the
-    request queued before it ended (first come, first served), whichever is later."""
+def _queued_behind(usage: RequestUsage) -> float | None:
+    """Where the prefill of the request queued before it ended (first come, first
+    served: its own began no earlier than that step); None where not known."""
     before = usage.queued_after
     ended = before.prefill_ended_at() if before is not None else None
     own = usage.prefill_ended_at()
-    if ended is None or (own is not None and ended >= own):  # an estimate that cannot be right
-        return usage.opened_at
-    return max(usage.opened_at, ended)
+    if ended is None or ended <= usage.opened_at or (own is not None and ended >= own):
+        return None  # nothing to wait for, or an estimate that cannot be right
+    return ended
 
 
 def known_work(
@@ -140,9 +140,9 @@ def known_work(
         if prefill_from is not None and usage.first_token_at is not None:
             # The steps that carried its chunks last longer than the pace says (each also
             # decodes the batch): the prompt's work is spread over all of them.
-            stepped = prefill_from(_prefill_not_before(usage), usage.first_token_at, prompt)
+            stepped = prefill_from(usage.opened_at, _queued_behind(usage), usage.first_token_at, prompt)
             prefill_start = prefill_start if stepped is None else min(prefill_start, stepped)
-        prefill_start = max(_prefill_not_before(usage) if prefill_from is not None else usage.opened_at, prefill_start)
+        prefill_start = max(usage.opened_at, prefill_start)
         output = binned_output
         sampled = usage.sampled_output_tokens
         if usage.output_tokens is not None and sampled > 0:
@@ -174,7 +174,7 @@ def known_work(
         if usage.prefill_seconds is not None:
             start = ends[0] - usage.prefill_seconds
         elif prefill_from is not None:
-            start = prefill_from(_prefill_not_before(usage), ends[0], prompt)
+            start = prefill_from(usage.opened_at, _queued_behind(usage), ends[0], prompt)
         if start is not None:
             prompt_part = _spread(prompt, max(usage.opened_at, start), ends[0], t0, t1)
         stepped = stepped_output(usage, ends[0], ends[-1], t0, t1, steps_by)

@@ -91,29 +91,41 @@ class StepEnds:
             return None
         return placed
 
-    def prefill_start(self, not_before: float, first_token_at: float, chunk_seconds: float, shortest_step_seconds: float) -> float | None:
+    def prefill_start(
+        self,
+        arrived_at: float,
+        queued_behind: float | None,
+        first_token_at: float,
+        chunk_seconds: float,
+        shortest_step_seconds: float,
+        longest_step_seconds: float | None,
+    ) -> float | None:
         """Where the steps that carried a prompt began: a stream's first token ends the
         step that finished its prompt, and the steps before it carried the rest, each
         beyond a decode-only step's length. Walks back until `chunk_seconds` of excess
-        are covered, never to a step that began before `not_before` (its arrival, or the
-        end of the prefill queued before it); None where the steps are not known."""
+        are covered, never to a step that began before the request arrived (it joined
+        the next one) or that ended before `queued_behind`, the end of the prefill
+        queued before it (first come, first served: the step that ended that one's
+        may have begun this one's). None where the steps are not known."""
         ends = self._ends
         j = bisect_right(ends, first_token_at + MIN_STEP_SECONDS) - 1
         if j < 1 or first_token_at - ends[j] > MIN_STEP_SECONDS:
             return None
         need = chunk_seconds
         while j >= 1:
-            length = ends[j] - ends[j - 1]
-            if length > LONGEST_STEP_SECONDS:
+            start, end = ends[j - 1], ends[j]
+            if end - start > LONGEST_STEP_SECONDS:
                 return None
-            if ends[j - 1] < not_before:
-                return ends[j]  # it joined the step after the one running then
-            excess = max(0.0, length - shortest_step_seconds)
+            if start < arrived_at or (queued_behind is not None and end < queued_behind - MIN_STEP_SECONDS):
+                return end
+            excess = max(0.0, end - start - shortest_step_seconds)
             if excess >= need:
-                # The step that held the prompt's first chunk: all of it if the chunk
-                # filled it; where it is far longer (other prompts' chunks too, or no
-                # stream decoding to show its steps), its last part.
-                return max(ends[j - 1], ends[j] - need - shortest_step_seconds)
+                # The step that held the prompt's first chunk: all of it (a step's power
+                # is even over it), unless it is longer than steps last, i.e. a gap in
+                # which no stream decoded to show the steps: then its last part.
+                if longest_step_seconds is None or end - start <= longest_step_seconds + MIN_STEP_SECONDS:
+                    return start
+                return max(start, end - need - shortest_step_seconds)
             need -= excess
             j -= 1
         return None
@@ -249,6 +261,7 @@ SHORTEST_WINDOW = 400
 PREFILL_PERCENTILE = 0.1
 """Of streams' step excess per prompt token: a stream that queued behind other prompts
 shows their chunks too, so a low percentile is its own."""
+LONGEST_PERCENTILE = 0.95
 MIN_PROMPT_TOKENS = 256
 MIN_STREAMS = 10
 
@@ -267,6 +280,7 @@ class PrefillSteps:
         self._lengths: deque[float] = deque(maxlen=SHORTEST_WINDOW)
         self._per_token: deque[float] = deque(maxlen=256)
         self._seconds_per_token: float | None = None
+        self._longest: float | None = None
 
     def observe_steps(self, new_ends: Sequence[float], previous_end: float | None) -> None:
         """Lengths of the steps that just ended."""
@@ -274,10 +288,21 @@ class PrefillSteps:
         for end in new_ends:
             if last is not None and 0 < end - last <= LONGEST_STEP_SECONDS:
                 self._lengths.append(end - last)
+                self._longest = None
             last = end
 
     def shortest(self) -> float | None:
         return min(self._lengths) if self._lengths else None
+
+    def longest(self) -> float | None:
+        """A high percentile of recent step lengths: a chunk step's length, not a gap's
+        in which no stream decoded (those are few)."""
+        if len(self._lengths) < MIN_STREAMS:
+            return None
+        if self._longest is None:
+            ordered = sorted(self._lengths)
+            self._longest = ordered[int(LONGEST_PERCENTILE * (len(ordered) - 1))]
+        return self._longest
 
     def excess_seconds(self, t0: float, t1: float, ongoing: bool = False) -> float | None:
         """Seconds in [t0, t1] that steps spent beyond a decode-only step's length (each
@@ -321,6 +346,7 @@ class PrefillSteps:
 
     def load(self, state: Mapping[str, Sequence[float]]) -> None:
         self._lengths.extend(float(v) for v in state.get("step_lengths", ()) if v > 0)
+        self._longest = None
         self._per_token.extend(float(v) for v in state.get("seconds_per_prompt_token", ()) if v > 0)
         self._seconds_per_token = None
 

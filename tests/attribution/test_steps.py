@@ -182,22 +182,28 @@ def test_a_token_is_the_work_of_the_step_that_ended_with_it() -> None:
 def test_a_prompt_was_prefilled_in_the_chunk_steps_before_its_first_token() -> None:
     # Steps 10-19 carry 512-token chunks (122 ms: 20 ms of decoding, 102 ms of prompt).
     # A 1536-token prompt whose first token ended step 20 filled steps 17-19; a
-    # 1280-token one, the last half chunk of step 17 too (the rest of it went to the
-    # prompt before it); a 100-token prompt that shared step 19 with others, its end.
+    # 1280-token one, steps 17-19 too (its first chunk shared step 17 with the prompt
+    # queued before it: a step's power is even over it); a 100-token prompt, step 19.
     ends, times, chunk_seconds = _ends_with_chunk_steps(40, range(10, 20))
     chunk_compute = CHUNK_TOKENS * SECONDS_PER_PROMPT_TOKEN
     first = times[20]
-    assert ends.prefill_start(0.0, first, 3 * chunk_compute, DECODE_STEP_SECONDS) == pytest.approx(times[17])
-    start = ends.prefill_start(0.0, first, 2.5 * chunk_compute, DECODE_STEP_SECONDS)
-    assert start == pytest.approx(times[18] - 0.5 * chunk_compute - DECODE_STEP_SECONDS)
-    start = ends.prefill_start(0.0, first, 100 * SECONDS_PER_PROMPT_TOKEN, DECODE_STEP_SECONDS)
-    assert start == pytest.approx(first - 100 * SECONDS_PER_PROMPT_TOKEN - DECODE_STEP_SECONDS)
-    # Nothing before its arrival (or the end of the prefill queued before it): it
-    # joined the step after the one running then.
-    assert ends.prefill_start(times[18] - 0.01, first, 3 * chunk_compute, DECODE_STEP_SECONDS) == pytest.approx(times[18])
+
+    def start(arrived: float, behind: float | None, prompt_tokens: float, longest: float | None = chunk_seconds) -> float | None:
+        return ends.prefill_start(arrived, behind, first, prompt_tokens * SECONDS_PER_PROMPT_TOKEN, DECODE_STEP_SECONDS, longest)
+
+    assert start(0.0, None, 3 * CHUNK_TOKENS) == pytest.approx(times[17])
+    assert start(0.0, None, 2.5 * CHUNK_TOKENS) == pytest.approx(times[17])
+    assert start(0.0, None, 100) == pytest.approx(times[19])
+    # Nothing before its arrival: it joined the step after the one running then. Nor
+    # before the step that ended the prefill queued before it (first come, first served).
+    assert start(times[18] - 0.01, None, 3 * CHUNK_TOKENS) == pytest.approx(times[18])
+    assert start(0.0, times[18], 3 * CHUNK_TOKENS) == pytest.approx(times[17])
+    assert start(0.0, times[19], 3 * CHUNK_TOKENS) == pytest.approx(times[18])
+    # A "step" far longer than steps last is a gap no stream showed: its last part only.
+    assert start(0.0, None, 100, longest=DECODE_STEP_SECONDS) == pytest.approx(first - 100 * SECONDS_PER_PROMPT_TOKEN - DECODE_STEP_SECONDS)
     # Not at a step end, or before any: not known.
-    assert ends.prefill_start(0.0, first + 0.01, chunk_compute, DECODE_STEP_SECONDS) is None
-    assert StepEnds().prefill_start(0.0, 1.0, chunk_compute, DECODE_STEP_SECONDS) is None
+    assert ends.prefill_start(0.0, None, first + 0.01, chunk_compute, DECODE_STEP_SECONDS, None) is None
+    assert StepEnds().prefill_start(0.0, None, 1.0, chunk_compute, DECODE_STEP_SECONDS, None) is None
 
 
 def test_a_non_streamed_prompt_is_placed_before_its_first_token_like_a_streams() -> None:
@@ -210,8 +216,8 @@ def test_a_non_streamed_prompt_is_placed_before_its_first_token_like_a_streams()
     assert usage.token_ends is not None and usage.token_ends[0] == times[20]
     per_token = SECONDS_PER_PROMPT_TOKEN
 
-    def prefill_from(arrived: float, end: float, prompt: float) -> float | None:
-        return ends.prefill_start(arrived, end, prompt * per_token, DECODE_STEP_SECONDS)
+    def prefill_from(arrived: float, behind: float | None, end: float, prompt: float) -> float | None:
+        return ends.prefill_start(arrived, behind, end, prompt * per_token, DECODE_STEP_SECONDS, None)
 
     pace = Pace(prefill_tokens_per_second=1.0 / per_token, decode_seconds_per_token=None, fastest_decode_seconds_per_token=None)
     in_steps = [known_work(usage, times[k], times[k + 1], 0.0, pace, (0.0, 0.0), ends.steps_by, prefill_from)[0] for k in range(40)]
