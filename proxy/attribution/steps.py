@@ -300,8 +300,7 @@ class PrefillSteps:
         if len(self._lengths) < MIN_STREAMS:
             return None
         if self._longest is None:
-            ordered = sorted(self._lengths)
-            self._longest = ordered[int(LONGEST_PERCENTILE * (len(ordered) - 1))]
+            self._longest = _quantile(self._lengths, LONGEST_PERCENTILE)
         return self._longest
 
     def excess_seconds(self, t0: float, t1: float, ongoing: bool = False) -> float | None:
@@ -336,8 +335,7 @@ class PrefillSteps:
         if len(self._per_token) < MIN_STREAMS:
             return None
         if self._seconds_per_token is None:
-            ordered = sorted(self._per_token)
-            self._seconds_per_token = ordered[int(PREFILL_PERCENTILE * (len(ordered) - 1))]
+            self._seconds_per_token = _quantile(self._per_token, PREFILL_PERCENTILE)
         return self._seconds_per_token
 
     def state(self) -> dict[str, list[float]]:
@@ -357,3 +355,9 @@ class PrefillSteps:
             return None
         excess = self.excess_seconds(t0, t1, ongoing=True)
         return None if excess is None else excess / per_token
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """The value at quantile q of a non-empty sample (the lower one of a pair)."""
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]
