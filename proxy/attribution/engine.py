@@ -8,8 +8,9 @@ request energy + idle energy = measured energy.
 
 Dynamic energy follows work (DESIGN.md section 5). What the proxy sees of work is
 indirect, so per group it learns: idle power; the cost of work (learning.py: joules per
-prompt token, and decode power by batch size); when prompts were processed (prefill.py,
-from the meter, first come first served); and paces from streams (timing.py).
+prompt token, and decode power by batch size); when prompts were processed (prefill.py
+and placement.py: from the meter and the steps, first come first served); and paces from
+streams (timing.py). What each group keeps, and its learned state, is in group.py.
 """
 
 from __future__ import annotations
@@ -19,28 +20,21 @@ import math
 from array import array
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from proxy.attribution.costmodel import CostModel, Rates, slope, unsaturate
+from proxy.attribution.costmodel import CostModel, Rates
 from proxy.attribution.group import DEFAULT_DECODE_SECONDS_PER_TOKEN, DEFAULT_PREFILL_WEIGHT, GroupTotals
 from proxy.attribution.group import Group as _Group
 from proxy.attribution.group import Interval as _Interval
 from proxy.attribution.learning import IdlePowerLearner
-from proxy.attribution.prefill import ProgressSpan
+from proxy.attribution.placement import advance_progress, prefill_done_before_end, prefill_steps_from
 from proxy.attribution.prior import GroupPrior
 from proxy.attribution.provisional import EndOfResponse
-from proxy.attribution.split import PrefillFrom, context_tokens, decode_work, known_work, overlap, presence_shares
+from proxy.attribution.split import context_tokens, decode_work, known_work, presence_shares
 from proxy.attribution.split import split_dynamic, split_priced, unpaid_prompts
-from proxy.attribution.timing import Pace
 from proxy.attribution.usage import RequestUsage
 from proxy.meters.base import EnergySample
 
 log = logging.getLogger("carbon_proxy.attribution")
 
-DEFAULT_FASTEST_DECODE_SECONDS_PER_TOKEN = 0.01
-"""Until learned from streams: a sequence decodes no faster than this (100 tokens/s)."""
-PREFILL_PACE_MARGIN = 1.5
-"""Prefill progress inferred from power is capped at this times the learned pace."""
-STATE_VERSION = 1
-"""Of save_state's layout; a saved state of another version is learned again."""
 
 
 class AttributionEngine:
@@ -121,7 +115,7 @@ class AttributionEngine:
             # Said now, not at the next sample: where progress was behind, its prompt
             # moves into the intervals it was processed in before its end-of-response
             # figure is read (else that figure missed the part progress had not reached).
-            group.prefill.done_by(usage, self._prefill_done_before_end(group, usage))
+            group.prefill.done_by(usage, prefill_done_before_end(group, usage))
         for interval in usage.pending:
             assert isinstance(interval, _Interval)
             self._end.reprice(group, interval, usage)
@@ -196,7 +190,7 @@ class AttributionEngine:
             previous_end = group.step_ends.last
             group.prefill_steps.observe_steps(group.step_ends.add(ticks), previous_end)
         dynamic_joules = energy - static_joules
-        progress = self._prefill_progress(group, t0, t1, members, binned, dynamic_joules)
+        progress = advance_progress(group, t0, t1, members, binned, dynamic_joules)
         interval = _Interval(
             t0=t0,
             t1=t1,
@@ -231,68 +225,6 @@ class AttributionEngine:
                 self._covered(group, usage, t1)
         group.closed_since_sample = waiting
 
-    @staticmethod
-    def _prefill_done_before_end(group: _Group, usage: RequestUsage) -> float:
-        """A closed request that made n output tokens was done prefilling some n steps
-        before its end (a stream with no token seen: by its end)."""
-        assert usage.closed_at is not None
-        fastest = group.pace.pace().fastest_decode_seconds_per_token or DEFAULT_FASTEST_DECODE_SECONDS_PER_TOKEN
-        decoded = 0.0 if usage.streaming else (usage.output_tokens or 0) * fastest
-        return max(usage.opened_at, usage.closed_at - decoded)
-
-    def _prefill_progress(
-        self, group: _Group, t0: float, t1: float, members: list[RequestUsage], binned: array, dynamic_joules: float
-    ) -> ProgressSpan:
-        """Advance the group's prefill progress over [t0, t1]: requests that showed their
-        prefill done jump it, the energy not drawn by decoding measures the rest."""
-        prefill = group.prefill
-        for usage in members:
-            first = usage.first_token_at
-            if first is not None and t0 < first <= t1:
-                prefill.done_by(usage, first)
-                usage.prefill_done_at = first  # exact, even where progress passed it earlier
-        for usage in group.closed_since_sample:
-            end = usage.closed_at
-            if end is not None and end <= t1 and usage.prefill_done_at is None:
-                prefill.done_by(usage, self._prefill_done_before_end(group, usage))
-        model = group.model
-        decoding_stream = any(u.streaming and u.first_token_at is not None and u.first_token_at < t1 for u in members)
-        from_steps = group.prefill_steps.processed_tokens(t0, t1) if decoding_stream else None
-        if from_steps is not None and (group.fixed_prefill_weight is not None or not model.ready):
-            # Streams show the steps: their extra length is the prompt tokens processed.
-            processed = from_steps
-        elif group.fixed_prefill_weight is not None or not model.ready:
-            processed = group.pace.pace().prefill_tokens_per_second * (t1 - t0)
-        else:
-            # Prompt tokens are what the model says the energy not drawn by decoding bought.
-            pace = group.pace.pace()
-            tokens_per_second = 1.0 / (pace.decode_seconds_per_token or DEFAULT_DECODE_SECONDS_PER_TOKEN)
-            sequence_seconds = output = context = 0.0
-            for usage, seen in zip(members, binned):
-                start = usage.first_token_at if usage.streaming else usage.prefill_done_at
-                if start is not None:
-                    end = usage.closed_at if usage.closed_at is not None else t1
-                    decoding = overlap(start, end, t0, t1)
-                    sequence_seconds += decoding
-                    tokens = seen if usage.streaming else decoding * tokens_per_second
-                    output += tokens
-                    context += tokens * self._context(usage, start, end, (t0 + t1) / 2)
-            duration = t1 - t0
-            rates = Rates(0.0, output / duration, context / duration, sequence_seconds / duration)
-            # Never faster than the learned prefill throughput: near saturation a small
-            # change of power inverts to a large change of prompt tokens.
-            most = pace.prefill_tokens_per_second * PREFILL_PACE_MARGIN
-            processed = min(model.prompt_rate_for(dynamic_joules / duration, rates), most) * duration
-            if from_steps is not None:
-                # Energy measures prompt work as well as the cost function still bends
-                # with load (its slope g'); where power saturates it says little, and
-                # the steps' extra length (streams show it) says it instead.
-                fit = model.fit
-                assert fit is not None
-                bend = slope(unsaturate(max(0.0, dynamic_joules / duration), fit.saturation_watts), fit.saturation_watts)
-                processed = bend * processed + (1.0 - bend) * from_steps
-        return prefill.advance(t0, t1, processed)
-
     _context = staticmethod(context_tokens)
 
     def _works(self, group: _Group, interval: _Interval) -> tuple[list[tuple[float, float, float, float]], Rates]:
@@ -300,7 +232,7 @@ class AttributionEngine:
         decode batch) in the interval, from what is known now; and the interval's rates."""
         pace = group.pace.pace()
         steps_by = group.step_ends.steps_by
-        prefill_from = self._prefill_from(group, pace)
+        prefill_from = prefill_steps_from(group, pace)
         rows: list[tuple[float, float, float]] = []
         output_total = sequence_seconds = 0.0
         for usage, binned in zip(interval.members, interval.binned):
@@ -327,22 +259,6 @@ class AttributionEngine:
                 totals[k] += work[k]
         duration = interval.t1 - interval.t0
         return works, Rates(totals[0] / duration, totals[1] / duration, totals[2] / duration, totals[3] / duration)
-
-    @staticmethod
-    def _prefill_from(group: _Group, pace: Pace) -> PrefillFrom | None:
-        """Where a prefill that ended at a step end began, by the steps streams showed:
-        its prompt's compute time (learned from step lengths, else the prefill pace)
-        beyond decode-only steps (steps.StepEnds.prefill_start)."""
-        shortest = group.prefill_steps.shortest()
-        if shortest is None:
-            return None
-        per_token = group.prefill_steps.seconds_per_token() or 1.0 / pace.prefill_tokens_per_second
-        longest = group.prefill_steps.longest()
-
-        def prefill_from(arrived: float, behind: float | None, end: float, prompt: float) -> float | None:
-            return group.step_ends.prefill_start(arrived, behind, end, prompt * per_token, shortest, longest)
-
-        return prefill_from
 
     def _priced(self, group: _Group, interval: _Interval, works: list[tuple[float, float, float, float]], rates: Rates) -> tuple[list[float], list[float], bool]:
         """Each member's prompt and decode work in joules at the interval's Aumann-Shapley
@@ -438,17 +354,7 @@ class AttributionEngine:
 
     def save_state(self) -> dict[str, dict[str, Any]]:
         """What each group learned (idle power, cost model, paces), as JSON-able data."""
-        return {
-            name: {
-                "version": STATE_VERSION,
-                "idle_watts": group.idle.state(),
-                "cost_model": group.model.state(),
-                "pace": group.pace.state(),
-                "prefill_weight": group.prefill_weight,
-                "prefill_steps": group.prefill_steps.state(),
-            }
-            for name, group in self._groups.items()
-        }
+        return {name: group.learned_state() for name, group in self._groups.items()}
 
     def load_state(self, states: Mapping[str, Any]) -> list[str]:
         """Restore what was learned (save_state's output, e.g. from before a restart);
@@ -457,26 +363,13 @@ class AttributionEngine:
         restored = []
         for name, state in states.items():
             group = self._groups.get(name)
-            if group is None or not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            if group is None or not isinstance(state, Mapping):
                 continue
             try:
-                model = CostModel()
-                if not model.load(state["cost_model"]):
-                    continue
-                idle = [float(w) for w in state["idle_watts"]]
-                pace = {k: [float(v) for v in state["pace"][k]] for k in ("prefill_rates", "token_gaps")}
-                weight = float(state["prefill_weight"])
-                steps = {k: [float(v) for v in state.get("prefill_steps", {}).get(k, [])] for k in ("step_lengths", "seconds_per_prompt_token")}
+                if group.restore(state):
+                    restored.append(name)
             except (KeyError, TypeError, ValueError, AttributeError):
                 log.warning("learned attribution state of %r is unreadable; learning it again", name)
-                continue
-            group.model = model
-            group.idle.load(idle)
-            group.pace.load(pace)
-            group.prefill_steps.load(steps)
-            if group.fixed_prefill_weight is None:
-                group.prefill_weight = weight
-            restored.append(name)
         return restored
 
     # -- introspection --------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from proxy.attribution.costmodel import CostModel, Prices, Rates
 from proxy.attribution.learning import IdlePowerLearner
@@ -23,6 +24,8 @@ DEFAULT_PREFILL_TOKENS_PER_SECOND = 5000.0
 """Until learned from streams: how long a prompt of n tokens takes to prefill."""
 DEFAULT_DECODE_SECONDS_PER_TOKEN = 0.03
 """Until learned from streams: a decoding sequence's time per output token."""
+STATE_VERSION = 1
+"""Of learned_state's layout; a saved state of another version is learned again."""
 
 
 @dataclass(slots=True, eq=False)
@@ -91,3 +94,35 @@ class Group:
         fastest = self.pace.pace().fastest_decode_seconds_per_token
         around = self.step_ends.around(t0, t1)
         return step_prices(self.model.prices, t0, t1, around, fastest, rates, self.prefill_steps.seconds_per_token())
+
+    def learned_state(self) -> dict[str, Any]:
+        """What the group learned (idle power, cost model, paces, steps), JSON-able."""
+        return {
+            "version": STATE_VERSION,
+            "idle_watts": self.idle.state(),
+            "cost_model": self.model.state(),
+            "pace": self.pace.state(),
+            "prefill_weight": self.prefill_weight,
+            "prefill_steps": self.prefill_steps.state(),
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> bool:
+        """Load learned_state's output; False (nothing changed) for another version or a
+        cost model of another basis. Raises KeyError, TypeError, ValueError or
+        AttributeError on a malformed state, before changing anything."""
+        if state.get("version") != STATE_VERSION:
+            return False
+        model = CostModel()
+        if not model.load(state["cost_model"]):
+            return False
+        idle = [float(w) for w in state["idle_watts"]]
+        pace = {k: [float(v) for v in state["pace"][k]] for k in ("prefill_rates", "token_gaps")}
+        weight = float(state["prefill_weight"])
+        steps = {k: [float(v) for v in state.get("prefill_steps", {}).get(k, [])] for k in ("step_lengths", "seconds_per_prompt_token")}
+        self.model = model
+        self.idle.load(idle)
+        self.pace.load(pace)
+        self.prefill_steps.load(steps)
+        if self.fixed_prefill_weight is None:
+            self.prefill_weight = weight
+        return True
