@@ -89,17 +89,23 @@ def advance_progress(
     return prefill.advance(t0, t1, processed)
 
 
-def prefill_steps_from(group: Group, pace: Pace) -> PrefillFrom | None:
+def prefill_steps_from(group: Group, pace: Pace) -> PrefillFrom:
     """Where a prefill that ended at a step end began, by the steps streams showed:
     its prompt's compute time (learned from step lengths, else the prefill pace)
-    beyond decode-only steps (steps.StepEnds.prefill_start)."""
-    shortest = group.prefill_steps.shortest()
-    if shortest is None:
-        return None
-    per_token = group.prefill_steps.seconds_per_token() or 1.0 / pace.prefill_tokens_per_second
-    longest = group.prefill_steps.longest()
+    beyond decode-only steps (steps.StepEnds.prefill_start). What the steps taught is
+    read at the first call only: most intervals place no prompt."""
+    learned: list[tuple[float, float, float | None] | None] = []
 
     def prefill_from(arrived: float, behind: float | None, end: float, prompt: float) -> float | None:
+        if not learned:
+            steps = group.prefill_steps
+            shortest = steps.shortest()
+            per_token = steps.seconds_per_token() or 1.0 / pace.prefill_tokens_per_second
+            learned.append(None if shortest is None else (shortest, per_token, steps.longest()))
+        known = learned[0]
+        if known is None:
+            return None
+        shortest, per_token, longest = known
         return group.step_ends.prefill_start(arrived, behind, end, prompt * per_token, shortest, longest)
 
     return prefill_from

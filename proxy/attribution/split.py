@@ -137,9 +137,10 @@ def known_work(
         prefill_end = usage.first_token_at if usage.first_token_at is not None else end
         # Time to first token is queueing, then prefill: the prefill is its last part.
         prefill_start = prefill_end - prompt / pace.prefill_tokens_per_second
-        if prefill_from is not None and usage.first_token_at is not None:
+        if prefill_from is not None and usage.first_token_at is not None and t0 < usage.first_token_at:
             # The steps that carried its chunks last longer than the pace says (each also
-            # decodes the batch): the prompt's work is spread over all of them.
+            # decodes the batch): the prompt's work is spread over all of them. (Not
+            # looked up for the intervals after its first token: none of it is there.)
             stepped = prefill_from(usage.opened_at, _queued_behind(usage), usage.first_token_at, prompt)
             prefill_start = prefill_start if stepped is None else min(prefill_start, stepped)
         prefill_start = max(usage.opened_at, prefill_start)
